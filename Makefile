@@ -1,0 +1,41 @@
+# PLM: the two set-up commands are `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel of PyTorch (lies on this kind of machine's disk). GPU users: install their CUDA torch first.
+TORCH_PIN ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+DEMO_USERS ?= 3000
+export WANDB_MODE ?= offline
+export PYTHONHASHSEED ?= 0
+
+.PHONY: install demo test test-fast lint bench-prep clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/plm-synth out=$(DEMO_DIR)/raw users=$(DEMO_USERS) seed=0
+	$(VENV)/bin/plm-prep raw=$(DEMO_DIR)/raw out=$(DEMO_DIR)/prepared overwrite=true
+	@echo "demo: prepared sequences in $(DEMO_DIR)/prepared (see manifest.json)"
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check plm data_prep tests bench
+
+bench-prep: install
+	$(PY) bench/prep.py
+
+clean:
+	rm -rf runs .pytest_cache

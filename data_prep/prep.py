@@ -1,0 +1,397 @@
+"""`plm-prep`: raw payment/login/order events -> tokenised per-user sequences (Spark).
+
+Reads `RAW/{payments,logins,orders}/*.parquet` (each optional) and `RAW/labels.parquet`
+(optional), writes `OUT/` per `docs/data-contracts.md`:
+
+    OUT/manifest.json      config, inputs and row counts, per-source accounting, cut-off, splits, shards
+    OUT/tokenizer.json     vocabularies and bin edges (fitted on training users only)
+    OUT/{train,val,test}/part-00000.parquet ...   one row per window of one user's events
+    OUT/quarantine/{source}/part-00000.parquet    invalid rows with a `reason` column
+
+Every input file's schema is checked before Spark starts; a violation stops the job with an
+error naming the file, the column and the expected type, and nothing is written. Outputs are
+written to a staging folder beside OUT and moved into place only when the job succeeds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import pyarrow.parquet as pq
+
+from data_prep import transforms as T
+from data_prep.storage import Location, finalize_spark_output
+from plm.data.schema import (
+    CATEGORICAL_FIELDS,
+    NUMERIC_FIELDS,
+    PRIVATE_COLUMNS,
+    RAW_SOURCES,
+    REASONS,
+    SHARD_FORMAT_VERSION,
+    SPLITS,
+    ContractError,
+    check_file_schema,
+)
+from plm.data.tokenizer import Tokenizer, numeric_spec_from_sample
+
+# Spark settings PLM relies on (a user's spark.conf overrides the rest, not these).
+REQUIRED_SPARK_CONF = {
+    "spark.sql.session.timeZone": "UTC",
+    # Parquet INT64 TIMESTAMP(NANOS) columns are read as longs and converted in normalize_source.
+    "spark.sql.legacy.parquet.nanosAsLong": "true",
+    # Timestamps written as INT64 microseconds (UTC-adjusted), not the legacy INT96.
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[plm-prep] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class RawFile:
+    path: str  # inside the filesystem
+    uri: str  # for Spark
+    rows: int
+    ts_is_nanos: bool
+    signature: tuple  # contract columns' physical types (files read together by Spark)
+
+
+def discover_inputs(raw: Location) -> tuple[dict[str, list[RawFile]], Location | None]:
+    """List each source's Parquet files and check every file's schema against the contract.
+
+    Raises ContractError (file, column, expected type) on the first violation. A missing or
+    empty source folder is allowed (no files). Extra columns are ignored.
+    """
+    if not raw.is_dir():
+        raise ContractError(f"raw folder {raw.uri} does not exist or is not a folder")
+    found: dict[str, list[RawFile]] = {}
+    for source, cols in RAW_SOURCES.items():
+        loc = raw.child(source)
+        files = []
+        for path in loc.list_files(".parquet"):
+            try:
+                with loc.fs.open_input_file(path) as f:
+                    pf = pq.ParquetFile(f)
+                    schema, rows = pf.schema_arrow, pf.metadata.num_rows
+            except Exception as e:  # unreadable footer: name the file
+                raise ContractError(f"{loc.uri_of(path)}: not a readable Parquet file ({e})") from e
+            check_file_schema(source, loc.uri_of(path), schema)
+            ts_type = schema.field("ts").type
+            sig = tuple((c.name, str(schema.field(c.name).type)) for c in cols)
+            files.append(RawFile(path, loc.uri_of(path), rows, ts_type.unit == "ns", sig))
+        found[source] = files
+    labels = raw.child("labels.parquet")
+    if labels.exists():
+        with labels.fs.open_input_file(labels.path) as f:
+            schema = pq.ParquetFile(f).schema_arrow
+        idx = schema.get_field_index("user_id")
+        if idx < 0 or str(schema.field(idx).type) not in ("string", "large_string"):
+            raise ContractError(f"{labels.uri}: labels need a string column 'user_id'")
+        return found, labels
+    return found, None
+
+
+def read_source(spark, source: str, files: list[RawFile]):
+    """One DataFrame of a source's files in canonical columns (files grouped by physical schema)."""
+    groups: dict[tuple, list[RawFile]] = defaultdict(list)
+    for f in files:
+        groups[f.signature].append(f)
+    df = None
+    for sig in sorted(groups):
+        group = groups[sig]
+        part = T.normalize_source(spark.read.parquet(*[f.uri for f in group]), source, group[0].ts_is_nanos)
+        df = part if df is None else df.unionByName(part)
+    return df
+
+
+# ---------------------------------------------------------------------------------- spark
+
+
+def spark_session(spark_cfg):
+    """Get or create the SparkSession described by `SparkConfig` (master, conf, log level)."""
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.master(spark_cfg.master).appName(spark_cfg.app_name)
+    for k, v in {**spark_cfg.conf, **REQUIRED_SPARK_CONF}.items():
+        builder = builder.config(k, str(v))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(spark_cfg.log_level)
+    for k, v in {**spark_cfg.conf, **REQUIRED_SPARK_CONF}.items():
+        try:  # a reused session (tests, notebooks) gets the runtime settings too
+            spark.conf.set(k, str(v))
+        except Exception:  # static settings of an existing session cannot change
+            pass
+    return spark
+
+
+# -------------------------------------------------------------------------------- the job
+
+
+def _iso(ts: dt.datetime) -> str:
+    return ts.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _parse_time(value: str, what: str) -> dt.datetime:
+    try:
+        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise ValueError(f"{what}={value!r} is not an ISO time (e.g. 2024-07-01T00:00:00Z)") from e
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def check_config(cfg) -> None:
+    """Reject bad values with a message naming the key (before any work)."""
+    if not 0 <= cfg.val_fraction < 1 or not 0 <= cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
+        raise ValueError(f"val_fraction={cfg.val_fraction}, test_fraction={cfg.test_fraction}: each in [0, 1), sum < 1")
+    if cfg.max_events < 1:
+        raise ValueError(f"max_events={cfg.max_events} must be >= 1")
+    if not 0 < cfg.stride <= cfg.max_events:
+        raise ValueError(f"stride={cfg.stride} must be in 1..max_events ({cfg.max_events})")
+    if cfg.rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard={cfg.rows_per_shard} must be >= 1")
+    if cfg.vocab.min_count < 1 or cfg.vocab.max_size < 1:
+        raise ValueError("vocab.min_count and vocab.max_size must be >= 1")
+    unknown = set(cfg.vocab.max_size_by_field) - {f.name for f in CATEGORICAL_FIELDS}
+    if unknown:
+        raise ValueError(f"vocab.max_size_by_field names unknown fields {sorted(unknown)}")
+    if cfg.bins.n_bins < 2 or cfg.bins.max_sample < 100:
+        raise ValueError("bins.n_bins must be >= 2 and bins.max_sample >= 100")
+    for key in ("cutoff", "ts_min", "ts_max"):
+        if getattr(cfg, key) is not None:
+            _parse_time(getattr(cfg, key), key)
+
+
+def fit_tokenizer(train_events, cfg, n_train_users: int) -> Tokenizer:
+    """Vocabularies and numeric bins from training users' events only."""
+    caps = {f.name: cfg.vocab.max_size_by_field.get(f.name, cfg.vocab.max_size) for f in CATEGORICAL_FIELDS}
+    rows = T.categorical_counts(train_events, cfg.vocab.min_count, caps).collect()
+    ranked: dict[str, list[tuple[int, str]]] = {f.name: [] for f in CATEGORICAL_FIELDS}
+    for r in rows:
+        ranked[r["field"]].append((r["rank"], r["value"]))
+    categorical = {k: [v for _, v in sorted(vals)] for k, vals in ranked.items()}
+
+    counts = T.numeric_counts(train_events).collect()[0].asDict()
+    fractions = {k: min(1.0, cfg.bins.max_sample / n) if n else 1.0 for k, n in counts.items()}
+    sample = T.numeric_sample(train_events, fractions).toArrow()
+    fields = sample.column("field").to_numpy(zero_copy_only=False)
+    xs = sample.column("x").to_numpy(zero_copy_only=False)
+    numeric = {
+        f.name: numeric_spec_from_sample(f.name, xs[fields == f.name], cfg.bins.n_bins) for f in NUMERIC_FIELDS
+    }
+    fit = {
+        "train_users": n_train_users,
+        "numeric_rows": counts,
+        "numeric_sample_fraction": fractions,
+        "vocab": asdict(cfg.vocab),
+        "bins": asdict(cfg.bins),
+    }
+    return Tokenizer(categorical=categorical, numeric=numeric, fit=fit)
+
+
+def run_prep(cfg, spark=None) -> dict:
+    """Run the whole job; returns the manifest (also written to OUT/manifest.json)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    check_config(cfg)
+    now = dt.datetime.now(dt.timezone.utc)
+    ts_min = _iso(_parse_time(cfg.ts_min, "ts_min"))
+    ts_max = _iso(_parse_time(cfg.ts_max, "ts_max") if cfg.ts_max else now + dt.timedelta(days=1))
+
+    raw, out = Location.of(cfg.raw), Location.of(cfg.out)
+    inputs, labels = discover_inputs(raw)  # raises before anything is written
+    if out.exists() and not out.is_empty_dir():
+        if not cfg.overwrite:
+            raise FileExistsError(f"out={cfg.out} exists and is not empty; pass overwrite=true to replace it")
+    n_input = {s: sum(f.rows for f in files) for s, files in inputs.items()}
+    log(
+        "inputs: "
+        + ", ".join(f"{s} {len(inputs[s])} files / {n_input[s]:,} rows" for s in RAW_SOURCES)
+        + (f", labels {labels.uri}" if labels else ", no labels")
+    )
+    staging = Location.of(cfg.out.rstrip("/") + ".__staging__")
+    staging.delete()
+    staging.mkdir()
+
+    t = time.perf_counter()
+    own_spark = spark is None
+    spark = spark or spark_session(cfg.spark)
+    timings["spark_start_s"] = time.perf_counter() - t
+    try:
+        manifest = _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, F, StorageLevel)
+    except BaseException:
+        staging.delete()
+        raise
+    finally:
+        if own_spark:
+            spark.stop()
+    timings["total_s"] = time.perf_counter() - t_start
+    manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    manifest["created_at"] = _iso(now)
+    staging.child("manifest.json").write_json(manifest)
+    if out.exists():
+        out.delete()
+    staging.move_to(out)
+    log(f"done in {timings['total_s']:.1f}s -> {out.uri}")
+    return manifest
+
+
+def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, F, StorageLevel) -> dict:
+    t = time.perf_counter()
+    # 1. validate, quarantine, dedupe (per source)
+    accounting, quarantine_files, kept_frames = {}, {}, []
+    flagged_frames = []
+    for source, files in inputs.items():
+        acc = {"input_rows": n_input[source], "kept_rows": 0, "duplicate_rows": 0, "quarantined_rows": {}}
+        accounting[source] = acc
+        if not files:
+            acc["present"] = False
+            continue
+        acc["present"] = True
+        flagged = T.flag_rows(read_source(spark, source, files), source, ts_min, ts_max)
+        flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
+        flagged_frames.append(flagged)
+        for r in flagged.groupBy("_status", "reason").count().collect():
+            if r["_status"] == "kept":
+                acc["kept_rows"] = r["count"]
+            elif r["_status"] == "duplicate":
+                acc["duplicate_rows"] += r["count"]
+            else:
+                acc["quarantined_rows"][r["reason"]] = r["count"]
+        public = [c.name for c in RAW_SOURCES[source] if c.name not in PRIVATE_COLUMNS]
+        q = flagged.where(F.col("_status") == "quarantined").select(*public, "reason")
+        qloc = staging.child("quarantine", source)
+        if sum(acc["quarantined_rows"].values()):
+            q.orderBy("reason", "event_id", "ts").coalesce(1).write.parquet(qloc.uri)
+        quarantine_files[source] = [f"quarantine/{source}/{n}" for n, _ in finalize_spark_output(qloc)]
+        kept_frames.append(T.to_events(flagged.where(F.col("_status") == "kept"), source))
+    for source, acc in accounting.items():
+        q_total = sum(acc["quarantined_rows"].values())
+        acc["quarantined_total"] = q_total
+        acc["quarantined_rows"] = {r: acc["quarantined_rows"].get(r, 0) for r in REASONS}
+        if acc["input_rows"] != acc["kept_rows"] + q_total + acc["duplicate_rows"]:
+            raise RuntimeError(f"accounting does not close for {source}: {acc}")
+        log(
+            f"{source}: {acc['input_rows']:,} in = {acc['kept_rows']:,} kept + {q_total:,} quarantined"
+            f" + {acc['duplicate_rows']:,} duplicates"
+        )
+    timings["validate_s"] = time.perf_counter() - t
+    if not kept_frames or sum(a["kept_rows"] for a in accounting.values()) == 0:
+        raise ValueError(f"no valid events in {cfg.raw}: nothing to prepare (see the accounting above)")
+
+    # 2. merge sources, cut-off, per-user features, split
+    t = time.perf_counter()
+    events = kept_frames[0]
+    for f in kept_frames[1:]:
+        events = events.unionByName(f)
+    if cfg.cutoff:
+        cutoff = _iso(_parse_time(cfg.cutoff, "cutoff"))
+    else:
+        last = events.agg(F.max("ts")).collect()[0][0]
+        cutoff = _iso(last.replace(tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=1))
+    in_window = F.col("ts") < F.lit(cutoff).cast("timestamp")
+    after = dict(events.where(~in_window).groupBy("event_type").count().collect())
+    for source, acc in accounting.items():
+        acc["after_cutoff_rows"] = after.get(T.EVENT_TYPE_NAME[source], 0)
+        acc["sequence_rows"] = acc["kept_rows"] - acc["after_cutoff_rows"]
+    events = events.where(in_window).repartition(int(spark.conf.get("spark.sql.shuffle.partitions")), "user_id")
+    events = T.add_history_features(events)
+    events = T.assign_split(events, cfg.split_salt, cfg.val_fraction, cfg.test_fraction)
+    events = events.persist(StorageLevel.MEMORY_AND_DISK)
+    train = events.where(F.col("split") == "train")
+    n_train_users = train.select("user_id").distinct().count()
+    if n_train_users == 0:
+        raise ValueError("no training users: every user hashed into val/test; lower val_fraction/test_fraction")
+    for f in flagged_frames:
+        f.unpersist()
+    timings["features_s"] = time.perf_counter() - t
+
+    # 3. fit the tokenizer on training users only
+    t = time.perf_counter()
+    tokenizer = fit_tokenizer(train, cfg, n_train_users)
+    with staging.fs.open_output_stream(staging.child("tokenizer.json").path) as fh:
+        import json
+
+        fh.write(json.dumps(tokenizer.to_dict(), indent=1, sort_keys=True).encode())
+    timings["fit_tokenizer_s"] = time.perf_counter() - t
+    log("tokenizer: " + ", ".join(f"{k}={v}" for k, v in tokenizer.vocab_sizes().items()))
+
+    # 4. tokenise, window, write shards per split
+    t = time.perf_counter()
+    windows = T.build_windows(T.tokenize(events, tokenizer), cfg.max_events, cfg.stride)
+    windows = windows.persist(StorageLevel.MEMORY_AND_DISK)
+    stats = {
+        r["split"]: r
+        for r in windows.groupBy("split")
+        .agg(
+            F.count(F.lit(1)).alias("windows"),
+            F.sum(F.when(F.col("window_index") == 0, 1).otherwise(0)).alias("users"),
+            F.sum(F.when(F.col("window_index") == 0, F.col("history_len")).otherwise(0)).alias("events"),
+        )
+        .collect()
+    }
+    splits = {}
+    for split in SPLITS:
+        st = stats.get(split)
+        n_windows = st["windows"] if st else 0
+        loc = staging.child(split)
+        if n_windows:
+            n_shards = max(1, math.ceil(n_windows / cfg.rows_per_shard))
+            (
+                windows.where(F.col("split") == split)
+                .repartition(n_shards, "user_id")
+                .sortWithinPartitions("user_id", "window_index")
+                .write.parquet(loc.uri)
+            )
+        else:
+            loc.mkdir()
+        shards = [{"path": f"{split}/{n}", "rows": r} for n, r in finalize_spark_output(loc)]
+        splits[split] = {
+            "users": int(st["users"]) if st else 0,
+            "windows": int(n_windows),
+            "events": int(st["events"]) if st else 0,
+            "shards": shards,
+        }
+        log(f"{split}: {splits[split]['users']:,} users, {n_windows:,} windows, {len(shards)} shards")
+    windows.unpersist()
+    timings["tokenize_write_s"] = time.perf_counter() - t
+
+    labels_info = None
+    if labels is not None:
+        users = events.select("user_id").distinct()
+        lab = spark.read.parquet(labels.uri)
+        labelled = users.join(lab.select("user_id").distinct(), "user_id").count()
+        labels_info = {
+            "path": labels.uri,
+            "rows": lab.count(),
+            "columns": [c for c in lab.columns if c != "user_id"],
+            "users_with_sequences_and_labels": labelled,
+        }
+    events.unpersist()
+
+    return {
+        "format_version": SHARD_FORMAT_VERSION,
+        "producer": {"job": "plm-prep", "spark_version": spark.version, "spark_master": spark.sparkContext.master},
+        "config": asdict(cfg),
+        "cutoff": cutoff,
+        "ts_window": {"min": ts_min, "max": ts_max},
+        "inputs": {
+            s: {"files": [{"path": f.uri, "rows": f.rows} for f in files]} for s, files in inputs.items()
+        },
+        "labels": labels_info,
+        "accounting": accounting,
+        "quarantine": quarantine_files,
+        "tokenizer": {"path": "tokenizer.json", "vocab_sizes": tokenizer.vocab_sizes()},
+        "splits": splits,
+        "shard_columns": windows.columns,
+    }

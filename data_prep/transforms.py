@@ -1,0 +1,414 @@
+"""Pure Spark transforms of `plm-prep`: each takes DataFrames (and plain values) and returns a
+DataFrame, built only from Spark's built-in functions (no Python UDFs on the per-row path).
+
+The pipeline, per source then merged (`data_prep.prep.run_prep` wires it):
+
+    normalize_source  -> canonical contract columns and types (extra columns dropped)
+    flag_rows         -> status kept | quarantined | duplicate, and the quarantine `reason`
+    to_events         -> one unified event schema across sources (string categoricals)
+    add_history_features (per user, time order) -> log_dt, hour, dow, device_new, country_foreign
+    assign_split      -> train / val / test by a stable hash of user_id
+    tokenize          -> int ids per field from the fitted tokenizer (`plm.data.tokenizer`)
+    build_windows     -> one row per window of a user's time-ordered events (lists per field)
+
+`plm.data.tokenizer.encode_raw` is the pure-Python twin of the same steps; a test proves both
+give identical tokens on the same events.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from plm.data.schema import (
+    CATEGORICAL_FIELDS,
+    EVENT_TYPE_NAME,
+    EVENT_TYPE_ORDER,
+    MISSING,
+    N_SPECIALS,
+    NA,
+    NUMERIC_FIELDS,
+    NUMERIC_RANGES,
+    OOV,
+    RAW_SOURCES,
+    value_column,
+)
+
+# Columns of the unified event frame (before tokenisation).
+EVENT_STRING_COLS = (
+    "currency",
+    "mcc",
+    "channel",
+    "status",
+    "merchant",
+    "country",
+    "auth_method",
+    "login_success",
+    "category",
+)
+EVENT_DOUBLE_COLS = ("amount", "n_items")
+
+def _spark_type(arrow_type) -> T.DataType:
+    import pyarrow as pa
+
+    if pa.types.is_string(arrow_type):
+        return T.StringType()
+    if pa.types.is_int32(arrow_type):
+        return T.IntegerType()
+    if pa.types.is_float64(arrow_type):
+        return T.DoubleType()
+    if pa.types.is_boolean(arrow_type):
+        return T.BooleanType()
+    raise TypeError(arrow_type)
+
+
+def normalize_source(df: DataFrame, source: str, ts_is_nanos_long: bool = False) -> DataFrame:
+    """Select the contract columns of `source` and cast them to their canonical types.
+
+    `ts` becomes a UTC timestamp (naive timestamps are read as UTC: the session time zone is UTC;
+    nanosecond files, read by Spark as longs, are converted). Extra columns are dropped.
+    """
+    cols = []
+    for c in RAW_SOURCES[source]:
+        if c.name == "ts":
+            col = F.timestamp_micros(F.floor(F.col("ts") / 1000)) if ts_is_nanos_long else F.col("ts")
+            cols.append(col.cast(T.TimestampType()).alias("ts"))
+        else:
+            cols.append(F.col(c.name).cast(_spark_type(c.type)).alias(c.name))
+    return df.select(*cols)
+
+
+def _invalid_number(col: Column, name: str) -> Column:
+    lo, lo_exclusive, hi = NUMERIC_RANGES[name]
+    d = col.cast("double")
+    too_low = (d <= lo) if lo_exclusive else (d < lo)
+    # null is "missing" (a MISSING token), not invalid; NaN and +-inf are invalid.
+    return col.isNotNull() & (F.isnan(d) | (F.abs(d) == float("inf")) | too_low | (d > hi))
+
+
+def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame:
+    """Add `_status` (kept | quarantined | duplicate) and `reason` (null unless quarantined).
+
+    - An exact duplicate of an earlier row (all contract columns equal, nulls equal) is a
+      `duplicate` (an upstream replay): dropped and counted, one copy stays.
+    - Otherwise the first failing check in `plm.data.schema.REASONS` quarantines the row.
+    - Rows that share an `event_id` but differ in content are all quarantined as
+      `conflicting_event_id` (no arbitrary winner is picked).
+    """
+    cols = [c.name for c in RAW_SOURCES[source]]
+    by_content = Window.partitionBy("event_id").orderBy(*[F.col(c).asc_nulls_first() for c in cols])
+    by_event = Window.partitionBy("event_id")
+    content_rank = F.dense_rank().over(by_content)
+    df = df.withColumn("_rank", content_rank)
+    df = df.withColumn("_row", F.row_number().over(by_content))
+    # Rows with the same content are adjacent in `by_content`: a row whose dense rank equals its
+    # predecessor's repeats it exactly.
+    df = df.withColumn("_dup", F.col("_rank") == F.lag("_rank").over(by_content))
+    df = df.withColumn("_n_distinct", F.max("_rank").over(by_event))
+
+    checks: list[tuple[str, Column]] = [
+        ("null_event_id", F.col("event_id").isNull()),
+        ("null_user_id", F.col("user_id").isNull()),
+        ("null_ts", F.col("ts").isNull()),
+        (
+            "ts_out_of_range",
+            (F.col("ts") < F.lit(ts_min).cast("timestamp")) | (F.col("ts") > F.lit(ts_max).cast("timestamp")),
+        ),
+    ]
+    for name in ("amount", "n_items", "mcc"):
+        if name in cols:
+            checks.append((f"{name}_invalid", _invalid_number(F.col(name), name)))
+    checks.append(("conflicting_event_id", F.col("event_id").isNotNull() & (F.col("_n_distinct") > 1)))
+
+    reason = F.lit(None).cast("string")
+    for name, cond in reversed(checks):
+        reason = F.when(cond, F.lit(name)).otherwise(reason)
+    status = (
+        F.when(F.coalesce(F.col("_dup"), F.lit(False)), F.lit("duplicate"))
+        .when(reason.isNotNull(), F.lit("quarantined"))
+        .otherwise(F.lit("kept"))
+    )
+    return (
+        df.withColumn("reason", F.when(status == "quarantined", reason))
+        .withColumn("_status", status)
+        .drop("_rank", "_row", "_dup", "_n_distinct")
+    )
+
+
+def to_events(df: DataFrame, source: str) -> DataFrame:
+    """Kept rows of one source -> the unified event frame shared by every source.
+
+    Columns: user_id, event_id, ts, type_order, event_type, device_id (dropped after features),
+    the string categoricals in EVENT_STRING_COLS and the doubles in EVENT_DOUBLE_COLS; a column
+    that a source does not have is null (it becomes the N/A token at tokenisation).
+    """
+    present = {c.name for c in RAW_SOURCES[source]}
+
+    def s(raw: str) -> Column:
+        return F.col(raw).cast("string") if raw in present else F.lit(None).cast("string")
+
+    def d(raw: str) -> Column:
+        return F.col(raw).cast("double") if raw in present else F.lit(None).cast("double")
+
+    country_col = "country" if source == "payments" else "ip_country"
+    return df.select(
+        "user_id",
+        "event_id",
+        "ts",
+        F.lit(EVENT_TYPE_ORDER[source]).alias("type_order"),
+        F.lit(EVENT_TYPE_NAME[source]).alias("event_type"),
+        s("device_id").alias("device_id"),
+        s("currency").alias("currency"),
+        s("mcc").alias("mcc"),
+        s("channel").alias("channel"),
+        s("status").alias("status"),
+        s("merchant_id").alias("merchant"),
+        s(country_col).alias("country"),
+        s("auth_method").alias("auth_method"),
+        # bool -> "true"/"false", the same strings the pure-Python tokenizer uses
+        F.lower(s("success")).alias("login_success"),
+        s("category").alias("category"),
+        d("amount").alias("amount"),
+        d("n_items").alias("n_items"),
+    )
+
+
+def _merge_order() -> list[Column]:
+    return [F.col("ts").asc(), F.col("type_order").asc(), F.col("event_id").asc()]
+
+
+def add_history_features(events: DataFrame) -> DataFrame:
+    """Per-user features that need the user's time-ordered history (merge order: ts, source, id).
+
+    - `dt_seconds`: seconds since the user's previous event (null on the first), `hour`, `dow`
+      (UTC; Monday = 0), `ts_us` (epoch microseconds);
+    - `device_new`: "true" on the first event of the user with this device, else "false"
+      (null device -> null = MISSING); `device_id` is dropped here and never reaches outputs;
+    - `country_foreign`: the event's country differs from the user's home country, the first
+      non-null country in the user's history (causal: known from the first event on).
+    """
+    by_user = Window.partitionBy("user_id").orderBy(*_merge_order())
+    by_user_all = by_user.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    by_device = Window.partitionBy("user_id", "device_id").orderBy(*_merge_order())
+    ts_us = F.unix_micros("ts")
+    home = F.first("country", ignorenulls=True).over(by_user_all)
+    device_first = F.row_number().over(by_device) == 1
+    return (
+        events.withColumn("ts_us", ts_us)
+        .withColumn("dt_seconds", (F.col("ts_us") - F.lag("ts_us").over(by_user)) / F.lit(1e6))
+        .withColumn("hour", F.hour("ts").cast("string"))
+        .withColumn("dow", ((F.dayofweek("ts") + 5) % 7).cast("string"))
+        .withColumn(
+            "device_new",
+            F.when(F.col("device_id").isNull(), F.lit(None).cast("string")).otherwise(
+                F.when(device_first, F.lit("true")).otherwise(F.lit("false"))
+            ),
+        )
+        .withColumn(
+            "country_foreign",
+            F.when(F.col("country").isNull(), F.lit(None).cast("string")).otherwise(
+                F.when(F.col("country") != home, F.lit("true")).otherwise(F.lit("false"))
+            ),
+        )
+        .drop("device_id")
+    )
+
+
+def assign_split(events: DataFrame, salt: str, val_fraction: float, test_fraction: float) -> DataFrame:
+    """`split` = train | val | test from a stable 64-bit hash of (salt, user_id): the same user
+    always lands in the same split, whatever else is in the data."""
+    bucket = F.pmod(F.xxhash64(F.lit(salt), F.col("user_id")), F.lit(1_000_000)) / F.lit(1_000_000.0)
+    return events.withColumn(
+        "split",
+        F.when(bucket < test_fraction, F.lit("test"))
+        .when(bucket < test_fraction + val_fraction, F.lit("val"))
+        .otherwise(F.lit("train")),
+    )
+
+
+# ------------------------------------------------------------------------------- fitting
+
+
+def field_source_column(field_name: str) -> str:
+    """Unified-event column feeding a field (the raw column names are mapped in `to_events`)."""
+    return {
+        "event_type": "event_type",
+        "hour": "hour",
+        "dow": "dow",
+        "log_dt": "dt_seconds",
+    }.get(field_name, field_name)
+
+
+def _applies(field) -> Column:
+    names = [EVENT_TYPE_NAME[s] for s in field.sources]
+    return F.col("event_type").isin(names)
+
+
+def categorical_counts(train_events: DataFrame, min_count: int, max_size_by_field: dict[str, int]) -> DataFrame:
+    """(field, value, count) of each categorical value among applicable, non-null occurrences,
+    keeping values seen at least `min_count` times and at most the cap per field, most frequent
+    first (ties by value), as `rank` 0.."""
+    pairs = F.explode(
+        F.array(
+            *[
+                F.struct(
+                    F.lit(f.name).alias("field"),
+                    F.when(_applies(f), F.col(field_source_column(f.name))).alias("value"),
+                )
+                for f in CATEGORICAL_FIELDS
+            ]
+        )
+    )
+    counts = (
+        train_events.select(pairs.alias("p"))
+        .select("p.field", "p.value")
+        .where(F.col("value").isNotNull())
+        .groupBy("field", "value")
+        .count()
+        .where(F.col("count") >= min_count)
+    )
+    cap = F.lit(None).cast("int")
+    for name, size in max_size_by_field.items():
+        cap = F.when(F.col("field") == name, F.lit(size)).otherwise(cap)
+    rank = F.row_number().over(Window.partitionBy("field").orderBy(F.col("count").desc(), F.col("value").asc())) - 1
+    return counts.withColumn("rank", rank).where(F.col("rank") < cap)
+
+
+def numeric_sample(train_events: DataFrame, fractions: dict[str, float]) -> DataFrame:
+    """(field, x) sample of raw numeric values for fitting bins, chosen by a hash of
+    (event_id, field) so the same data always gives the same sample (deterministic)."""
+    pairs = F.explode(
+        F.array(
+            *[
+                F.struct(
+                    F.lit(f.name).alias("field"),
+                    F.when(_applies(f), F.col(field_source_column(f.name))).cast("double").alias("x"),
+                    F.lit(fractions.get(f.name, 1.0)).alias("frac"),
+                    F.pmod(F.xxhash64(F.col("event_id"), F.lit(f.name)), F.lit(1 << 30)).alias("h"),
+                )
+                for f in NUMERIC_FIELDS
+            ]
+        )
+    )
+    return (
+        train_events.select(pairs.alias("p"))
+        .select("p.*")
+        .where(F.col("x").isNotNull() & (F.col("h") < F.col("frac") * F.lit(float(1 << 30))))
+        .select("field", "x")
+    )
+
+
+def numeric_counts(train_events: DataFrame) -> DataFrame:
+    """One row: applicable non-null count per numeric field (to size the sample)."""
+    return train_events.agg(
+        *[
+            F.count(F.when(_applies(f), F.col(field_source_column(f.name)))).alias(f.name)
+            for f in NUMERIC_FIELDS
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------ tokenise
+
+SMALL_VOCAB = 256  # fields with at most this many values are looked up in a literal map
+
+
+def _lookup_categorical(events: DataFrame, field, values: list[str]) -> tuple[DataFrame, Column]:
+    """Return (events, id column) for a categorical field: NA if not applicable, MISSING if
+    null, the fitted id if known, else OOV. Small vocabularies use a literal map; large ones a
+    broadcast hash join (a Spark map lookup is a linear scan)."""
+    src = F.col(field_source_column(field.name))
+    if len(values) <= SMALL_VOCAB:
+        if values:
+            mapping = F.create_map(*[x for i, v in enumerate(values) for x in (F.lit(v), F.lit(N_SPECIALS + i))])
+            known = F.element_at(mapping, src)
+        else:
+            known = F.lit(None).cast("int")
+        idcol = F.coalesce(known, F.lit(OOV))
+    else:
+        spark = events.sparkSession
+        key = f"_k_{field.name}"
+        vocab = spark.createDataFrame(
+            [(v, N_SPECIALS + i) for i, v in enumerate(values)],
+            schema=T.StructType([T.StructField(key, T.StringType()), T.StructField(f"_id_{field.name}", T.IntegerType())]),
+        )
+        events = events.join(F.broadcast(vocab), src == F.col(key), "left").drop(key)
+        idcol = F.coalesce(F.col(f"_id_{field.name}"), F.lit(OOV))
+    col = F.when(~_applies(field), F.lit(NA)).when(src.isNull(), F.lit(MISSING)).otherwise(idcol)
+    return events, col.cast("int")
+
+
+def tokenize(events: DataFrame, tokenizer) -> DataFrame:
+    """Unified events (with history features) -> token ids per field plus standardised values.
+
+    Numeric bins: id = N_SPECIALS + (number of edges <= x), exactly `numpy.searchsorted(edges,
+    x, side="right")` in the pure-Python tokenizer; value = (log1p(x) or x - mean) / std.
+    """
+    out_cols = ["user_id", "split", "event_id", "ts_us", "type_order"]
+    id_cols: dict[str, Column] = {}
+    for f in CATEGORICAL_FIELDS:
+        events, col = _lookup_categorical(events, f, tokenizer.categorical[f.name])
+        id_cols[f.name] = col
+    for f in NUMERIC_FIELDS:
+        spec = tokenizer.numeric[f.name]
+        x = F.col(field_source_column(f.name)).cast("double")
+        n_le = F.lit(0)
+        for e in spec.edges:
+            n_le = n_le + (x >= F.lit(float(e))).cast("int")
+        bin_id = F.when(~_applies(f), F.lit(NA)).when(x.isNull(), F.lit(MISSING)).otherwise(F.lit(N_SPECIALS) + n_le)
+        v = F.log1p(x) if spec.log else x
+        value = F.when(_applies(f) & x.isNotNull(), (v - F.lit(spec.mean)) / F.lit(spec.std)).otherwise(F.lit(0.0))
+        id_cols[f.name] = bin_id.cast("int")
+        id_cols[value_column(f.name)] = value.cast("float")
+    return events.select(*out_cols, *[c.alias(n) for n, c in id_cols.items()])
+
+
+def token_columns() -> list[str]:
+    cols = [f.name for f in CATEGORICAL_FIELDS]
+    for f in NUMERIC_FIELDS:
+        cols += [f.name, value_column(f.name)]
+    return cols
+
+
+def _getter(name: str):
+    return lambda x: x[name]
+
+
+def build_windows(tokens: DataFrame, max_events: int, stride: int) -> DataFrame:
+    """Tokenised events -> one row per window of a user's events in merge order.
+
+    A history of n <= max_events events is one window. A longer one gives windows ending at
+    n, n - stride, n - 2*stride, ... until a window starts at the first event; window 0 is
+    always the most recent `max_events` events.
+    """
+    if not (0 < stride <= max_events):
+        raise ValueError(f"stride must be in 1..max_events ({max_events}), got {stride}")
+    cols = token_columns()
+    ev = F.struct(F.col("ts_us"), F.col("type_order"), F.col("event_id"), *[F.col(c) for c in cols])
+    per_user = tokens.groupBy("user_id", "split").agg(F.sort_array(F.collect_list(ev)).alias("ev"))
+    n = F.size("ev")
+    n_windows = F.when(n <= max_events, F.lit(1)).otherwise(
+        F.lit(1) + F.ceil((n - F.lit(max_events)) / F.lit(stride)).cast("int")
+    )
+    per_user = per_user.withColumn("history_len", n).withColumn("k", F.explode(F.sequence(F.lit(0), n_windows - 1)))
+    end = F.col("history_len") - F.col("k") * F.lit(stride)
+    start = F.greatest(F.lit(0), end - F.lit(max_events))
+    win = per_user.select(
+        "user_id",
+        "split",
+        F.col("k").cast("int").alias("window_index"),
+        start.cast("int").alias("window_start"),
+        F.col("history_len").cast("int").alias("history_len"),
+        F.slice("ev", start + 1, end - start).alias("w"),
+    )
+    return win.select(
+        "user_id",
+        "split",
+        "window_index",
+        "window_start",
+        "history_len",
+        F.size("w").cast("int").alias("n_events"),
+        F.transform("w", lambda x: x["ts_us"]).alias("ts"),
+        *[F.transform("w", _getter(c)).alias(c) for c in cols],
+    )

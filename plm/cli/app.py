@@ -1,0 +1,46 @@
+"""Shared plumbing for PLM's hydra console scripts.
+
+Every CLI is a thin `@hydra_app("name")` function: hydra composes `conf/<name>.yaml` (whose
+defaults list starts with the typed dataclass schema registered in `plm.config`), so an unknown
+key or a value of the wrong type fails at once with a message that names it. The function
+receives the validated dataclass instance, not a DictConfig.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+def conf_dir() -> str:
+    """The `conf/` folder: $PLM_CONF_DIR, else the repository's top-level `conf/`."""
+    env = os.environ.get("PLM_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "prep.yaml").exists():
+        raise SystemExit(
+            f"plm: cannot find the hydra config folder at {path} (expected conf/prep.yaml). "
+            "Install PLM from a clone with `pip install -e .` or set PLM_CONF_DIR."
+        )
+    return str(path)
+
+
+def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
+    """Decorate `fn(cfg_dataclass)` into a hydra console-script entry point."""
+
+    def deco(fn: Callable[[Any], Any]) -> Callable[[], Any]:
+        import hydra
+
+        import plm.config  # noqa: F401  (registers the schemas with hydra's ConfigStore)
+
+        @functools.wraps(fn)
+        def task(cfg):
+            return fn(OmegaConf.to_object(cfg))
+
+        return hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(task)
+
+    return deco
