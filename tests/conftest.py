@@ -83,7 +83,7 @@ def spark():
     s.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def prep_config():
     """Factory: a PrepConfig for tiny data (min_count 1, small bins)."""
     from plm.config import BinsConfig, PrepConfig, VocabConfig

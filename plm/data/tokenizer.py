@@ -152,7 +152,7 @@ def _applies(etype: pa.ChunkedArray, f) -> np.ndarray:
 def numeric_spec_from_sample(name: str, x: np.ndarray, n_bins: int) -> NumericSpec:
     """Quantile edges (i / n_bins, i = 1..n_bins-1; duplicates merged) and mean/std of the
     (log1p-)value, from a sample of raw values. Shared by the Spark job and the reference."""
-    x = np.asarray(x, dtype=np.float64)
+    x = np.sort(np.asarray(x, dtype=np.float64))  # sorted: mean/std independent of row order
     x = x[np.isfinite(x)]
     log = name in LOG_VALUE_FIELDS
     if x.size == 0:

@@ -1,0 +1,244 @@
+"""plm-prep on inline dirty worlds: quarantine, accounting, OOV, schema errors, windows,
+Spark == pure-Python tokens, private columns never written."""
+
+import datetime as dt
+import json
+
+import numpy as np
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import login, order, payment, source_table, ts, write_raw
+
+from data_prep.prep import run_prep
+from plm.config import VocabConfig
+from plm.data.schema import OOV, REASONS, ContractError
+from plm.data.tokenizer import Tokenizer, encode_raw
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+
+def _users(n):
+    return [f"u{i:03d}" for i in range(n)]
+
+
+def dirty_world(root):
+    """60 users with clean histories, plus every kind of bad row, replays, extra columns, a
+    second payments file in ms timestamps and a naive-timestamp logins file."""
+    pays, logs, ords = [], [], []
+    for i, u in enumerate(_users(60)):
+        for j in range(6 + i % 5):
+            pays.append(payment(f"p{i}-{j}", u, ts(1 + j, 8 + i % 10, j), amount=5.0 + 3 * j + i,
+                                merchant_id=f"m{(i + j) % 7}", device_id=f"dev-secret-{i}" if j % 2 else None,
+                                country="DE" if j != 3 else "FR", note="extra column"))
+        logs.append(login(f"l{i}", u, ts(2, 7, i % 60), device_id=f"dev-secret-{i}", ip_country="DE"))
+        if i % 3 == 0:
+            ords.append(order(f"o{i}", u, ts(4, 9), merchant_id=f"m{i % 7}", n_items=1 + i % 4,
+                              category="books" if i % 2 else "toys"))
+    bad = [
+        payment("p0-0", "u000", ts(1, 8, 0), amount=5.0, merchant_id="m0", device_id=None, country="DE", note="extra column"),  # replay
+        payment(None, "u001", ts(3)),
+        payment("bad-user", None, ts(3)),
+        payment("bad-ts", "u002", None),
+        payment("old", "u002", dt.datetime(1985, 5, 5, tzinfo=dt.timezone.utc)),
+        payment("future", "u002", dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc)),
+        payment("nan", "u003", ts(3), amount=float("nan")),
+        payment("neg", "u003", ts(3), amount=-2.0),
+        payment("mcc", "u003", ts(3), mcc=-5),
+        payment("clash", "u004", ts(3), currency="EUR"),
+        payment("clash", "u004", ts(3), currency="USD"),
+        payment("new-cur", "u005", ts(9), currency="XYZ", merchant_id="never-seen"),
+    ]
+    ords.append(order("zero-items", "u006", ts(5), n_items=0))
+    late = [payment(f"late{i}", "u007", ts(30, 12, i)) for i in range(3)]  # after the cut-off
+    raw = write_raw(root, payments=pays + bad + late, logins=logs, orders=ords)
+    # a second payments file with millisecond timestamps
+    t = source_table("payments", [payment("ms-1", "u008", ts(9, 10)), payment("ms-2", "u100", ts(9, 11))])
+    t = t.set_column(t.schema.get_field_index("ts"), "ts", t.column("ts").cast(pa.timestamp("ms", tz="UTC")))
+    pq.write_table(t, raw / "payments" / "part-1.parquet")
+    # a naive-timestamp logins file (read as UTC)
+    t = source_table("logins", [login("naive-1", "u009", ts(9, 6))])
+    t = t.set_column(t.schema.get_field_index("ts"), "ts", t.column("ts").cast(pa.timestamp("us")))
+    pq.write_table(t, raw / "logins" / "part-1.parquet")
+    labels = pa.table({"user_id": _users(60), "churn": [i % 2 for i in range(60)]})
+    pq.write_table(labels, raw / "labels.parquet")
+    return raw, len(pays) + len(bad) + len(late) + 2, len(logs) + 1, len(ords)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, spark, prep_config):
+    root = tmp_path_factory.mktemp("dirty")
+    raw, n_pay, n_log, n_ord = dirty_world(root / "raw")
+    cfg = prep_config(raw, root / "out", cutoff="2024-01-20T00:00:00Z", max_events=4, stride=2,
+                      vocab=VocabConfig(min_count=2, max_size=1000, max_size_by_field={"merchant": 5}),
+                      val_fraction=0.2, test_fraction=0.2, rows_per_shard=50)
+    manifest = run_prep(cfg, spark=spark)
+    return root, manifest, (n_pay, n_log, n_ord)
+
+
+def read_split(out, split):
+    files = sorted((out / split).glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+
+
+def test_accounting_closes_with_every_reason(prepared):
+    root, m, (n_pay, n_log, n_ord) = prepared
+    acc = m["accounting"]
+    assert acc["payments"]["input_rows"] == n_pay
+    assert acc["logins"]["input_rows"] == n_log
+    assert acc["orders"]["input_rows"] == n_ord
+    for a in acc.values():
+        assert a["input_rows"] == a["kept_rows"] + a["quarantined_total"] + a["duplicate_rows"]
+        assert set(a["quarantined_rows"]) == set(REASONS)
+    q = acc["payments"]["quarantined_rows"]
+    assert q == {"null_event_id": 1, "null_user_id": 1, "null_ts": 1, "ts_out_of_range": 2, "amount_invalid": 2,
+                 "n_items_invalid": 0, "mcc_invalid": 1, "conflicting_event_id": 2}
+    assert acc["payments"]["duplicate_rows"] == 1
+    assert acc["payments"]["after_cutoff_rows"] == 3
+    assert acc["orders"]["quarantined_rows"]["n_items_invalid"] == 1
+    assert m["cutoff"] == "2024-01-20T00:00:00Z"
+    on_disk = json.loads((root / "out" / "manifest.json").read_text())
+    assert on_disk["accounting"] == acc and on_disk["splits"] == m["splits"]
+
+
+def test_quarantine_rows_have_reasons_and_no_private_columns(prepared):
+    root, m, _ = prepared
+    q = pq.read_table(root / "out" / "quarantine" / "payments")
+    assert q.num_rows == sum(m["accounting"]["payments"]["quarantined_rows"].values())
+    assert "reason" in q.column_names and None not in q.column("reason").to_pylist()
+    assert "device_id" not in q.column_names and "note" not in q.column_names
+    assert q.schema.field("ts").type == pa.timestamp("us", tz="UTC")
+    assert m["quarantine"]["logins"] == []
+
+
+def test_splits_are_disjoint_and_complete(prepared):
+    root, m, _ = prepared
+    seen = {}
+    for split in ("train", "val", "test"):
+        t = read_split(root / "out", split)
+        if t is None:
+            continue
+        assert set(t.column("split").to_pylist()) == {split}
+        users = set(t.column("user_id").to_pylist())
+        assert not users & set(seen), "a user is in two splits"
+        seen.update(dict.fromkeys(users, split))
+        assert m["splits"][split]["users"] == len(users)
+        assert sum(s["rows"] for s in m["splits"][split]["shards"]) == t.num_rows
+    # every user with a valid event before the cut-off, and no other
+    expected = set(_users(60)) | {"u100", "u009"} - set()
+    assert set(seen) == expected
+    assert all(m["splits"][s]["users"] for s in ("train", "val", "test"))
+    assert m["labels"]["columns"] == ["churn"] and m["labels"]["users_with_sequences_and_labels"] == 60
+
+
+def test_windows_and_time_order(prepared):
+    root, _, _ = prepared
+    rows = [r for s in ("train", "val", "test") if (t := read_split(root / "out", s)) for r in t.to_pylist()]
+    by_user = {}
+    for r in rows:
+        by_user.setdefault(r["user_id"], []).append(r)
+        assert r["n_events"] == len(r["ts"]) == len(r["merchant"]) <= 4
+        assert r["ts"] == sorted(r["ts"])
+        assert max(r["ts"]) < 1705708800000000  # 2024-01-20: nothing at/after the cut-off
+    for u, ws in by_user.items():
+        ws.sort(key=lambda r: r["window_index"])
+        n = ws[0]["history_len"]
+        assert ws[0]["window_start"] + ws[0]["n_events"] == n  # window 0 ends at the last event
+        assert ws[-1]["window_start"] == 0
+        assert [w["window_index"] for w in ws] == list(range(len(ws)))
+
+
+def test_spark_tokens_equal_pure_python(prepared):
+    root, m, _ = prepared
+    tok = Tokenizer.load(root / "out" / "tokenizer.json")
+    tables = {s: pq.read_table(root / "raw" / s) for s in ("payments", "logins", "orders")}
+    py = encode_raw(tables, tok, cutoff=m["cutoff"], ts_min=m["ts_window"]["min"], ts_max=m["ts_window"]["max"],
+                    max_events=4, stride=2)
+    spark_rows = pa.concat_tables([t for s in ("train", "val", "test") if (t := read_split(root / "out", s))])
+    keys = [("user_id", "ascending"), ("window_index", "ascending")]
+    py, spark_rows = py.sort_by(keys), spark_rows.sort_by(keys)
+    assert py.num_rows == spark_rows.num_rows
+    for col in py.column_names:
+        a, b = py.column(col).to_pylist(), spark_rows.column(col).to_pylist()
+        if col.endswith("_value"):  # log1p may differ in the last bit between the JVM and numpy
+            assert [len(x) for x in a] == [len(x) for x in b]
+            np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), rtol=1e-6, atol=1e-6, err_msg=col)
+        else:
+            assert a == b, col
+
+
+def test_unseen_values_become_oov_and_vocab_is_train_only(prepared):
+    root, _, _ = prepared
+    tok = Tokenizer.load(root / "out" / "tokenizer.json")
+    assert "XYZ" not in tok.categorical["currency"] and "never-seen" not in tok.categorical["merchant"]
+    rows = [r for s in ("train", "val", "test") if (t := read_split(root / "out", s)) for r in t.to_pylist()]
+    u5 = [r for r in rows if r["user_id"] == "u005" and r["window_index"] == 0][0]
+    assert u5["currency"][-1] == OOV and u5["merchant"][-1] == OOV
+    # vocabularies come from training users only
+    train_users = set(read_split(root / "out", "train").column("user_id").to_pylist())
+    pays = pq.read_table(root / "raw" / "payments").to_pylist()
+    eval_only = {p["merchant_id"] for p in pays if p["user_id"] not in train_users} - {
+        p["merchant_id"] for p in pays if p["user_id"] in train_users}
+    assert not eval_only & set(tok.categorical["merchant"])
+    assert tok.fit["train_users"] == len(train_users)
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def test_private_identifiers_never_written(prepared):
+    root, _, _ = prepared
+    n_files = 0
+    for f in (root / "out").rglob("*"):
+        if f.suffix == ".parquet":
+            t = pq.read_table(f)
+            assert "device_id" not in t.column_names, f
+            values = set(_strings(t.to_pylist()))
+        elif f.suffix == ".json":
+            values = set(_strings(json.loads(f.read_text())))
+        else:
+            continue
+        n_files += 1
+        assert not any(v.startswith("dev-secret-") for v in values), f
+    assert n_files >= 5
+
+
+def test_wrong_schema_fails_clearly_without_output(tmp_path, spark, prep_config):
+    raw = write_raw(tmp_path / "raw", payments=[payment("p1", "u1", ts(1))])
+    bad = source_table("orders", [order("o1", "u1", ts(1))])
+    bad = bad.set_column(bad.schema.get_field_index("amount"), "amount", pa.array(["20.0"]))
+    (raw / "orders").mkdir()
+    pq.write_table(bad, raw / "orders" / "bad.parquet")
+    out = tmp_path / "out"
+    with pytest.raises(ContractError, match=r"orders/bad.parquet: column 'amount' \(orders\) has type string; expected double"):
+        run_prep(prep_config(raw, out), spark=spark)
+    assert not out.exists() and not list(tmp_path.glob("out*"))
+
+
+def test_missing_and_empty_sources(tmp_path, spark, prep_config):
+    empty = source_table("orders", [])
+    raw = write_raw(tmp_path / "raw", logins=[login(f"l{i}", f"u{i}", ts(1 + i)) for i in range(12)], orders=empty)
+    m = run_prep(prep_config(raw, tmp_path / "out", val_fraction=0.0, test_fraction=0.0), spark=spark)
+    assert m["accounting"]["payments"] == {**m["accounting"]["payments"], "present": False, "input_rows": 0}
+    assert m["accounting"]["orders"]["input_rows"] == 0
+    assert m["splits"]["train"]["users"] == 12
+    assert (tmp_path / "out" / "val").is_dir() and m["splits"]["val"]["shards"] == []
+
+
+def test_out_exists_needs_overwrite(tmp_path, spark, prep_config):
+    raw = write_raw(tmp_path / "raw", logins=[login("l1", "u1", ts(1))])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        run_prep(prep_config(raw, tmp_path / "out"), spark=spark)
+    assert (tmp_path / "out" / "keep.txt").exists()
