@@ -248,6 +248,12 @@ def run_prep(cfg, spark=None) -> dict:
 
 def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, F, StorageLevel) -> dict:
     t = time.perf_counter()
+    # Partitions of the per-user stage: ~1M input rows each, at least 2 per core (an explicit
+    # spark.sql.shuffle.partitions in spark.conf wins). Other shuffles are sized by AQE.
+    n_partitions = int(
+        cfg.spark.conf.get("spark.sql.shuffle.partitions")
+        or max(2 * spark.sparkContext.defaultParallelism, math.ceil(sum(n_input.values()) / 1_000_000))
+    )
     # 1. validate, quarantine, dedupe (per source)
     accounting, quarantine_files, kept_frames = {}, {}, []
     flagged_frames = []
@@ -261,18 +267,20 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         flagged = T.flag_rows(read_source(spark, source, files), source, ts_min, ts_max)
         flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
         flagged_frames.append(flagged)
-        for r in flagged.groupBy("_status", "reason").count().collect():
+        counts = flagged.groupBy("_status", "reason").agg(
+            F.count(F.lit(1)).alias("rows"), F.sum(F.col("_copies") - 1).alias("duplicates")
+        )
+        for r in counts.collect():
+            acc["duplicate_rows"] += int(r["duplicates"])
             if r["_status"] == "kept":
-                acc["kept_rows"] = r["count"]
-            elif r["_status"] == "duplicate":
-                acc["duplicate_rows"] += r["count"]
+                acc["kept_rows"] = r["rows"]
             else:
-                acc["quarantined_rows"][r["reason"]] = r["count"]
+                acc["quarantined_rows"][r["reason"]] = r["rows"]
         public = [c.name for c in RAW_SOURCES[source] if c.name not in PRIVATE_COLUMNS]
         q = flagged.where(F.col("_status") == "quarantined").select(*public, "reason")
         qloc = staging.child("quarantine", source)
         if sum(acc["quarantined_rows"].values()):
-            q.orderBy("reason", "event_id", "ts").coalesce(1).write.parquet(qloc.uri)
+            q.orderBy("reason", *public).coalesce(1).write.parquet(qloc.uri)  # a total order
         quarantine_files[source] = [f"quarantine/{source}/{n}" for n, _ in finalize_spark_output(qloc)]
         kept_frames.append(T.to_events(flagged.where(F.col("_status") == "kept"), source))
     for source, acc in accounting.items():
@@ -304,7 +312,7 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
     for source, acc in accounting.items():
         acc["after_cutoff_rows"] = after.get(T.EVENT_TYPE_NAME[source], 0)
         acc["sequence_rows"] = acc["kept_rows"] - acc["after_cutoff_rows"]
-    events = events.where(in_window).repartition(int(spark.conf.get("spark.sql.shuffle.partitions")), "user_id")
+    events = events.where(in_window).repartition(n_partitions, "user_id")
     events = T.add_history_features(events)
     events = T.assign_split(events, cfg.split_salt, cfg.val_fraction, cfg.test_fraction)
     events = events.persist(StorageLevel.MEMORY_AND_DISK)

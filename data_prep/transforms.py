@@ -88,24 +88,26 @@ def _invalid_number(col: Column, name: str) -> Column:
 
 
 def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame:
-    """Add `_status` (kept | quarantined | duplicate) and `reason` (null unless quarantined).
+    """Distinct rows of a source with `_copies`, `_status` (kept | quarantined) and `reason`.
 
-    - An exact duplicate of an earlier row (all contract columns equal, nulls equal) is a
-      `duplicate` (an upstream replay): dropped and counted, one copy stays.
-    - Otherwise the first failing check in `plm.data.schema.REASONS` quarantines the row.
+    - Exact duplicates (all contract columns equal, nulls equal) collapse into one row whose
+      `_copies` says how many arrived: the `_copies - 1` extra ones are upstream replays,
+      dropped and counted as duplicate rows.
+    - The first failing check in `plm.data.schema.REASONS` quarantines a row (`reason`).
     - Rows that share an `event_id` but differ in content are all quarantined as
       `conflicting_event_id` (no arbitrary winner is picked).
+
+    Two hash aggregations (no sort): by content, then by event_id for the conflicts.
     """
     cols = [c.name for c in RAW_SOURCES[source]]
-    by_content = Window.partitionBy("event_id").orderBy(*[F.col(c).asc_nulls_first() for c in cols])
-    by_event = Window.partitionBy("event_id")
-    content_rank = F.dense_rank().over(by_content)
-    df = df.withColumn("_rank", content_rank)
-    df = df.withColumn("_row", F.row_number().over(by_content))
-    # Rows with the same content are adjacent in `by_content`: a row whose dense rank equals its
-    # predecessor's repeats it exactly.
-    df = df.withColumn("_dup", F.col("_rank") == F.lag("_rank").over(by_content))
-    df = df.withColumn("_n_distinct", F.max("_rank").over(by_event))
+    distinct = df.groupBy(*cols).agg(F.count(F.lit(1)).alias("_copies"))
+    conflicts = (
+        distinct.where(F.col("event_id").isNotNull())
+        .groupBy("event_id")
+        .agg(F.count(F.lit(1)).alias("_n_distinct"))
+        .where(F.col("_n_distinct") > 1)
+    )
+    df = distinct.join(conflicts, "event_id", "left")
 
     checks: list[tuple[str, Column]] = [
         ("null_event_id", F.col("event_id").isNull()),
@@ -119,20 +121,15 @@ def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame
     for name in ("amount", "n_items", "mcc"):
         if name in cols:
             checks.append((f"{name}_invalid", _invalid_number(F.col(name), name)))
-    checks.append(("conflicting_event_id", F.col("event_id").isNotNull() & (F.col("_n_distinct") > 1)))
+    checks.append(("conflicting_event_id", F.col("_n_distinct").isNotNull()))
 
     reason = F.lit(None).cast("string")
     for name, cond in reversed(checks):
         reason = F.when(cond, F.lit(name)).otherwise(reason)
-    status = (
-        F.when(F.coalesce(F.col("_dup"), F.lit(False)), F.lit("duplicate"))
-        .when(reason.isNotNull(), F.lit("quarantined"))
-        .otherwise(F.lit("kept"))
-    )
     return (
-        df.withColumn("reason", F.when(status == "quarantined", reason))
-        .withColumn("_status", status)
-        .drop("_rank", "_row", "_dup", "_n_distinct")
+        df.withColumn("reason", reason)
+        .withColumn("_status", F.when(F.col("reason").isNull(), F.lit("kept")).otherwise(F.lit("quarantined")))
+        .select(*cols, "_copies", "_status", "reason")
     )
 
 
@@ -187,13 +184,15 @@ def add_history_features(events: DataFrame) -> DataFrame:
       (null device -> null = MISSING); `device_id` is dropped here and never reaches outputs;
     - `country_foreign`: the event's country differs from the user's home country, the first
       non-null country in the user's history (causal: known from the first event on).
+
+    All three windows share one partitioning and order, so Spark sorts the events once.
     """
     by_user = Window.partitionBy("user_id").orderBy(*_merge_order())
-    by_user_all = by_user.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    by_device = Window.partitionBy("user_id", "device_id").orderBy(*_merge_order())
+    before = by_user.rowsBetween(Window.unboundedPreceding, -1)
+    whole = by_user.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
     ts_us = F.unix_micros("ts")
-    home = F.first("country", ignorenulls=True).over(by_user_all)
-    device_first = F.row_number().over(by_device) == 1
+    home = F.first("country", ignorenulls=True).over(whole)
+    seen_devices = F.collect_set("device_id").over(before)  # a user's devices are few
     return (
         events.withColumn("ts_us", ts_us)
         .withColumn("dt_seconds", (F.col("ts_us") - F.lag("ts_us").over(by_user)) / F.lit(1e6))
@@ -202,7 +201,7 @@ def add_history_features(events: DataFrame) -> DataFrame:
         .withColumn(
             "device_new",
             F.when(F.col("device_id").isNull(), F.lit(None).cast("string")).otherwise(
-                F.when(device_first, F.lit("true")).otherwise(F.lit("false"))
+                F.when(F.array_contains(seen_devices, F.col("device_id")), F.lit("false")).otherwise(F.lit("true"))
             ),
         )
         .withColumn(

@@ -40,7 +40,7 @@ class BinsConfig:
     """Quantile bins for numeric fields (fitted on training users only)."""
 
     n_bins: int = 32  # quantile bins per numeric field (duplicate edges are merged)
-    max_sample: int = 2_000_000  # values sampled (deterministically, by event hash) to fit edges
+    max_sample: int = 200_000  # values sampled (deterministically, by event hash) to fit edges
 
 
 @dataclass

@@ -5,7 +5,6 @@ import datetime as dt
 import json
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -141,7 +140,7 @@ def test_windows_and_time_order(prepared):
         assert r["n_events"] == len(r["ts"]) == len(r["merchant"]) <= 4
         assert r["ts"] == sorted(r["ts"])
         assert max(r["ts"]) < 1705708800000000  # 2024-01-20: nothing at/after the cut-off
-    for u, ws in by_user.items():
+    for ws in by_user.values():
         ws.sort(key=lambda r: r["window_index"])
         n = ws[0]["history_len"]
         assert ws[0]["window_start"] + ws[0]["n_events"] == n  # window 0 ends at the last event

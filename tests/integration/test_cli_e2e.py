@@ -1,0 +1,79 @@
+"""plm-synth + plm-prep as a user runs them (console scripts, hydra overrides), determinism."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep.prep import run_prep
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+SPARK = ["spark.master='local[2]'", "+spark.conf={spark.ui.enabled: 'false', spark.sql.shuffle.partitions: '4'}"]
+
+
+def run(*args, check=True):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    p = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    run("plm-synth", f"out={root / 'raw'}", "users=120", "seed=7", "dirty_fraction=0.02")
+    p = run("plm-prep", f"raw={root / 'raw'}", f"out={root / 'prep'}", "max_events=64", "stride=32",
+            "vocab.min_count=2", *SPARK)
+    return root, p.stdout
+
+
+def test_cli_end_to_end(world):
+    root, stdout = world
+    m = json.loads((root / "prep" / "manifest.json").read_text())
+    assert "plm-prep: wrote" in stdout and "quarantined" in stdout
+    for source, acc in m["accounting"].items():
+        assert acc["input_rows"] == acc["kept_rows"] + acc["quarantined_total"] + acc["duplicate_rows"], source
+    assert sum(a["quarantined_total"] for a in m["accounting"].values()) > 0
+    assert sum(a["duplicate_rows"] for a in m["accounting"].values()) > 0
+    world_meta = json.loads((root / "raw" / "world.json").read_text())
+    users = sum(m["splits"][s]["users"] for s in ("train", "val", "test"))
+    assert users == 120  # every user with a valid event is present
+    assert m["config"]["max_events"] == 64
+    assert m["cutoff"].replace("Z", "") <= world_meta["cutoff"].replace("Z", "").replace("+00:00", "")
+    assert m["labels"]["users_with_sequences_and_labels"] == 120
+    shard = pq.read_table(root / "prep" / m["splits"]["train"]["shards"][0]["path"])
+    assert max(shard.column("n_events").to_pylist()) <= 64
+
+
+def test_same_input_same_shards_and_tokenizer(world, tmp_path, spark, prep_config):
+    """A second run (in-process, another partition count) writes identical shards and tokenizer."""
+    root, _ = world
+    from plm.config import BinsConfig, VocabConfig
+
+    cfg = prep_config(root / "raw", tmp_path / "again", max_events=64, stride=32,
+                      vocab=VocabConfig(min_count=2), bins=BinsConfig())
+    run_prep(cfg, spark=spark)
+    first, second = root / "prep", tmp_path / "again"
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
+    files = sorted(p.relative_to(first) for p in first.rglob("*.parquet"))
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*.parquet"))
+    for f in files:
+        assert pq.read_table(first / f).equals(pq.read_table(second / f)), f
+
+
+def test_bad_overrides_fail_with_a_message_naming_them(tmp_path):
+    p = run("plm-prep", "raw=x", "out=y", "max_evnts=3", check=False)
+    assert p.returncode != 0 and "max_evnts" in p.stderr
+    p = run("plm-prep", "raw=x", "out=y", "max_events=many", check=False)
+    assert p.returncode != 0 and "max_events" in p.stderr
+    p = run("plm-prep", f"raw={tmp_path / 'nope'}", f"out={tmp_path / 'o'}", check=False)
+    assert p.returncode == 2 and "does not exist" in p.stderr and not (tmp_path / "o").exists()
+    p = run("plm-prep", f"raw={tmp_path}", f"out={tmp_path / 'o'}", "stride=0", check=False)
+    assert p.returncode == 2 and "stride=0" in p.stderr
