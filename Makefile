@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/plm-synth out=$(DEMO_DIR)/raw users=$(DEMO_USERS) seed=0
+	$(VENV)/bin/plm-synth out=$(DEMO_DIR)/raw users=$(DEMO_USERS) seed=0 overwrite=true
 	$(VENV)/bin/plm-prep raw=$(DEMO_DIR)/raw out=$(DEMO_DIR)/prepared overwrite=true
 	@echo "demo: prepared sequences in $(DEMO_DIR)/prepared (see manifest.json)"
 
