@@ -97,10 +97,12 @@ def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame
     - Rows that share an `event_id` but differ in content are all quarantined as
       `conflicting_event_id` (no arbitrary winner is picked).
 
-    Two hash aggregations (no sort): by content, then by event_id for the conflicts.
+    Two hash aggregations after one shuffle: by content, then by event_id for the conflicts.
     """
     cols = [c.name for c in RAW_SOURCES[source]]
-    distinct = df.groupBy(*cols).agg(F.count(F.lit(1)).alias("_copies"))
+    # One shuffle by event_id serves all three steps: hash partitioning on event_id already
+    # clusters rows by content and by event_id, so the aggregations and the join add none.
+    distinct = df.repartition("event_id").groupBy(*cols).agg(F.count(F.lit(1)).alias("_copies"))
     conflicts = (
         distinct.where(F.col("event_id").isNotNull())
         .groupBy("event_id")
