@@ -10,7 +10,7 @@ DEMO_USERS ?= 3000
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install demo test test-fast lint bench-prep clean
+.PHONY: install demo test test-fast lint bench-prep bench-model clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check plm data_prep tests bench
+
+bench-model: install
+	$(VENV)/bin/pip install -q -e ".[bench]"
+	$(PY) bench/model.py
 
 bench-prep: install
 	$(PY) bench/prep.py
