@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 DEMO_USERS ?= 3000
+DEMO_STEPS ?= 150
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED ?= 0
 
@@ -23,7 +24,10 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/plm-synth out=$(DEMO_DIR)/raw users=$(DEMO_USERS) seed=0 overwrite=true
 	$(VENV)/bin/plm-prep raw=$(DEMO_DIR)/raw out=$(DEMO_DIR)/prepared overwrite=true
-	@echo "demo: prepared sequences in $(DEMO_DIR)/prepared (see manifest.json)"
+	$(VENV)/bin/plm-train data.path=$(DEMO_DIR)/prepared experiment=masked_tiny trainer=cpu \
+		trainer.max_steps=$(DEMO_STEPS) hydra.run.dir=$(DEMO_DIR)/train
+	@echo "demo: prepared sequences in $(DEMO_DIR)/prepared (manifest.json);" \
+		"pre-trained model, metrics and curves.png in $(DEMO_DIR)/train"
 
 test: install
 	$(PY) -m pytest

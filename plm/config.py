@@ -67,3 +67,4 @@ class PrepConfig:
 cs = ConfigStore.instance()
 cs.store(name="synth_schema", node=SynthConfig)
 cs.store(name="prep_schema", node=PrepConfig)
+import plm.train.config  # noqa: F401,E402

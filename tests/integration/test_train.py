@@ -93,7 +93,7 @@ def test_experiment_fast_dev_run(prepared, tmp_path, experiment):
     assert Path(out["final"]).exists()
 
 
-@pytest.mark.parametrize("trainer", ["gpu", "fsdp_multinode"])
+@pytest.mark.parametrize("trainer", ["gpu", "ddp", "fsdp", "fsdp_multinode"])
 def test_gpu_configs_fail_clearly_on_cpu(prepared, tmp_path, trainer):
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
@@ -162,3 +162,15 @@ def test_sweep_report(prepared, tmp_path):
     md = (tmp_path / "experiments" / "kv" / "README.md").read_text()
     assert "n_kv_heads=0" in md and "n_kv_heads=1" in md
     assert (tmp_path / "experiments" / "kv" / "val_loss.png").exists()
+
+
+def test_activation_checkpointing_gives_the_same_losses(prepared, tmp_path):
+    common = ["trainer.max_steps=3", "trainer.val_check_interval=0", "trainer.limit_val_batches=0"]
+    a = train(make_cfg(prepared, tmp_path / "plain", *common))
+    b = train(make_cfg(prepared, tmp_path / "ac", *common, "trainer.activation_checkpointing=true"))
+    la, lb = losses(Path(a["run_dir"])), losses(Path(b["run_dir"]))
+    assert sorted(la) == sorted(lb) == [0, 1, 2]
+    for s in la:
+        assert abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]), (s, la[s], lb[s])
+    sd = torch.load(Path(b["final"]), weights_only=True)["model"]
+    assert not any("checkpoint_wrapped" in k for k in sd)

@@ -1,0 +1,151 @@
+"""Training callbacks: throughput (events/s, tokens/s, MFU, data-wait fraction) and a PNG of the
+training curves written into the run folder."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+
+class ThroughputCallback(pl.Callback):
+    """Every `every_n_steps` optimiser steps logs (global figures = this rank's x world size):
+
+    - `perf/steps_per_s`, `perf/events_per_s` (real events), `perf/tokens_per_s` (padded slots
+      B x T, what the hardware computes), `perf/mfu` = events/s x train FLOPs per event /
+      (peak FLOP/s per device x devices), with FLOPs per event from `plm.model.flops`;
+    - `data/wait_fraction` (and `data/wait_ms`) from the loader's `LoaderTimer`.
+    """
+
+    def __init__(self, flops_per_event: float, peak_flops_per_device: float, timer=None, every_n_steps: int = 10):
+        self.fpe = flops_per_event
+        self.peak = peak_flops_per_device
+        self.timer = timer
+        self.every = max(1, every_n_steps)
+        self._reset()
+        self.last: dict[str, float] = {}
+
+    def _reset(self):
+        self.t0 = None
+        self.events = 0.0
+        self.tokens = 0.0
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+            if self.timer is not None:
+                self.timer.reset()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = batch.get("attention_mask")
+        if m is not None:
+            self.events += float(m.sum())
+            self.tokens += float(m.numel())
+        self.batches += 1
+        if self.batches < self.every:
+            return
+        dt = time.perf_counter() - self.t0
+        world = trainer.world_size
+        ev = self.events / dt * world
+        out = {
+            "perf/steps_per_s": self.batches / dt / max(1, trainer.accumulate_grad_batches),
+            "perf/batches_per_s": self.batches / dt,
+            "perf/events_per_s": ev,
+            "perf/tokens_per_s": self.tokens / dt * world,
+            "perf/mfu": ev * self.fpe / (self.peak * world) if self.peak > 0 else 0.0,
+        }
+        if self.timer is not None and self.timer.batches:
+            s = self.timer.summary(reset=True)
+            out["data/wait_fraction"] = s["data_wait_fraction"]
+            out["data/wait_ms"] = 1000 * s["data_wait_s"] / max(s["batches"], 1)
+        self.last = out
+        pl_module.log_dict(out, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+        self._reset()
+        self.t0 = time.perf_counter()
+
+
+def read_metrics_csv(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """{metric: [(step, value), ...]} from a Lightning CSVLogger metrics.csv."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            step = row.get("step")
+            if step in (None, ""):
+                continue
+            for k, v in row.items():
+                if k in ("step", "epoch") or v in (None, ""):
+                    continue
+                try:
+                    series.setdefault(k, []).append((float(step), float(v)))
+                except ValueError:
+                    pass
+    return series
+
+
+def plot_curves(metrics_csv: Path, out_png: Path) -> Path | None:
+    """Loss curves (train/val total and per objective), learning rate and throughput to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not Path(metrics_csv).exists():
+        return None
+    s = read_metrics_csv(Path(metrics_csv))
+    panels = [
+        ("loss", [k for k in s if k in ("train/loss", "val/loss") or (k.endswith("/loss") and k.count("/") == 2)]),
+        ("learning rate", [k for k in s if k.startswith("lr")]),
+        ("events/s", [k for k in s if k == "perf/events_per_s"]),
+        ("data-wait fraction", [k for k in s if k == "data/wait_fraction"]),
+    ]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in sorted(keys):
+            xs, ys = zip(*s[k])
+            ax.plot(xs, ys, label=k, marker="." if len(xs) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+class CurvesCallback(pl.Callback):
+    """Writes `<run_dir>/curves.png` from the CSV logger's metrics at every validation end and at
+    the end of training (rank 0 only)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def _plot(self, trainer):
+        if trainer.global_rank != 0:
+            return
+        for lg in trainer.loggers:
+            if isinstance(lg, pl.loggers.CSVLogger):
+                lg.save()
+                plot_curves(Path(lg.log_dir) / "metrics.csv", self.run_dir / "curves.png")
+
+    def on_train_end(self, trainer, pl_module):
+        self._plot(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        try:
+            self._plot(trainer)
+        except Exception:
+            pass
+
+
+def default_peak_flops(accelerator: str) -> float:
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+        return 312e12  # A100 bf16 dense; set trainer.peak_tflops for other hardware
+    return 1e12

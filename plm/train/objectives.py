@@ -1,0 +1,374 @@
+"""Pre-training objectives (losses) over the batch contract of `plm.model.batch`.
+
+Each objective is a small `nn.Module`-free class with `__call__(model, batch, generator) ->
+ObjectiveOutput`: a scalar `loss`, a dict of scalar `metrics` (per-field losses/accuracies) and
+per-field `(sum of CE, count)` pairs (`ce_sums`) from which validation perplexity is computed
+exactly over a whole epoch.
+
+- `MaskedEventObjective` (encoder): mask whole events and/or single fields (never padding),
+  predict every masked field: cross-entropy over categorical ids and numeric bin ids, optional
+  regression of the standardised numeric value (on real values only).
+- `ContrastiveObjective` (encoder, CoLES-style): two random sub-sequences of every sequence are
+  positives, every other sequence's views (on every rank, gathered with a gradient-preserving
+  all_gather) are negatives; symmetric InfoNCE with a temperature.
+- `NextEventObjective` (decoder): hidden state t predicts every field of event t+1 of the same
+  sequence (never across packed-segment boundaries) and the time to it via the model's time head.
+
+Randomness comes from the `torch.Generator` passed in (the LightningModule seeds it from
+(seed, rank, global step)), so masks do not depend on global RNG state and resume is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from plm.model.batch import MASK, N_SPECIALS, PAD, sequence_index, valid_mask, value_key
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    ce_sums: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # field -> (sum CE, count)
+
+
+class PretrainNet(torch.nn.Module):
+    """The model plus its heads behind one `forward`, so FSDP2's root unit (this module) has the
+    embedding tables (tied heads), heads and projection unsharded whenever they are used.
+    `forward(batch, heads=True, project=False) -> (ModelOutput, EventPredictions | None, z | None)`."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def field_vocab_sizes(self) -> dict[str, int]:
+        return self.model.field_vocab_sizes
+
+    def forward(self, batch, heads: bool = True, project: bool = False):
+        out = self.model(batch)
+        pred = self.model.heads(out.hidden) if heads else None
+        z = None
+        if project:
+            z = out.pooled
+            proj = getattr(self.model, "projection", None)
+            if proj is not None:
+                z = proj(z)
+        return out, pred, z
+
+
+def run_net(model, batch, heads: bool = True, project: bool = False):
+    """Call a PretrainNet, or a bare PLMEncoder/PLMDecoder (tests, single process) the same way."""
+    if isinstance(model, PretrainNet):
+        return model(batch, heads=heads, project=project)
+    return PretrainNet.forward(_Bare(model), batch, heads, project)
+
+
+class _Bare:
+    def __init__(self, model):
+        self.model = model
+
+
+def inner(model):
+    return model.model if isinstance(model, PretrainNet) else model
+
+
+def _valid(batch: dict[str, Tensor]) -> Tensor:
+    v = valid_mask(batch)
+    if v is None:
+        from plm.model.batch import batch_shape
+
+        B, T = batch_shape(batch)
+        dev = next(x.device for x in batch.values() if isinstance(x, Tensor))
+        v = torch.ones(B, T, dtype=torch.bool, device=dev)
+    return v
+
+
+def _rand(shape, generator: torch.Generator | None, device) -> Tensor:
+    # draw on the generator's device (CPU) and move: identical masks on every accelerator
+    return torch.rand(shape, generator=generator).to(device)
+
+
+def field_losses(
+    pred_logits: dict[str, Tensor],
+    pred_values: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    target_values: dict[str, Tensor],
+    where: dict[str, Tensor],
+    prefix: str,
+    regression_weight: float,
+) -> ObjectiveOutput:
+    """Mean over fields of the mean CE at the selected positions (+ weighted value MSE)."""
+    metrics: dict[str, Tensor] = {}
+    ce_sums: dict[str, tuple[Tensor, Tensor]] = {}
+    terms = []
+    for f, logits in pred_logits.items():
+        if f not in targets:
+            continue
+        sel = where[f] & (targets[f] != PAD) & (targets[f] != MASK)
+        n = sel.sum()
+        lg = logits[sel].float()  # (n, V)
+        tg = targets[f][sel].long()
+        if lg.shape[0] == 0:
+            ce_sum = logits.sum() * 0.0  # keep the graph (DDP: every parameter gets a gradient)
+            acc = torch.zeros((), device=logits.device)
+        else:
+            ce = F.cross_entropy(lg, tg, reduction="none")
+            ce_sum = ce.sum()
+            acc = (lg.argmax(-1) == tg).float().mean()
+        mean = ce_sum / n.clamp(min=1)
+        terms.append(mean)
+        metrics[f"{prefix}/loss_{f}"] = mean.detach()
+        metrics[f"{prefix}/acc_{f}"] = acc.detach()
+        ce_sums[f] = (ce_sum.detach(), n.detach())
+    loss = torch.stack(terms).mean() if terms else torch.zeros(())
+    reg_terms = []
+    if regression_weight > 0:
+        for f, v in pred_values.items():
+            if f not in target_values:
+                continue
+            sel = where[f] & (targets[f] >= N_SPECIALS)
+            tv = torch.nan_to_num(target_values[f].float())
+            se = ((v.float() - tv) ** 2) * sel
+            mse = se.sum() / sel.sum().clamp(min=1)
+            reg_terms.append(mse)
+            metrics[f"{prefix}/mse_{f}"] = mse.detach()
+    if reg_terms:
+        loss = loss + regression_weight * torch.stack(reg_terms).mean()
+    return ObjectiveOutput(loss=loss, metrics=metrics, ce_sums=ce_sums)
+
+
+# ------------------------------------------------------------------------- masked events
+
+
+class MaskedEventObjective:
+    """Mask whole events with prob `event_prob` and single fields with prob `field_prob` (only real
+    events); masked ids become MASK, masked numeric values 0; predict every masked field."""
+
+    name = "masked"
+
+    def __init__(self, event_prob: float = 0.15, field_prob: float = 0.0, regression_weight: float = 1.0):
+        if not 0 <= event_prob <= 1 or not 0 <= field_prob <= 1 or event_prob + field_prob <= 0:
+            raise ValueError(f"masked: need 0 <= event_prob, field_prob <= 1, not both 0 (got {event_prob}, {field_prob})")
+        self.event_prob, self.field_prob, self.regression_weight = event_prob, field_prob, regression_weight
+
+    def make_masks(self, batch: dict[str, Tensor], fields: list[str], generator) -> dict[str, Tensor]:
+        valid = _valid(batch)
+        dev = valid.device
+        ev = (_rand(valid.shape, generator, dev) < self.event_prob) & valid
+        masks = {}
+        for f in fields:
+            m = ev
+            if self.field_prob > 0:
+                m = m | ((_rand(valid.shape, generator, dev) < self.field_prob) & valid)
+            masks[f] = m
+        # at least one masked event per batch so the loss is defined
+        if not any(bool(m.any()) for m in masks.values()) and bool(valid.any()):
+            first = valid.reshape(-1).nonzero()[0, 0]
+            for f in fields:
+                masks[f] = masks[f].reshape(-1).clone().index_fill_(0, first, True).view_as(valid)
+        return masks
+
+    @staticmethod
+    def apply_masks(batch: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = dict(batch)
+        for f, m in masks.items():
+            out[f] = torch.where(m, torch.full_like(batch[f], MASK), batch[f])
+            vk = value_key(f)
+            if vk in batch:
+                out[vk] = torch.where(m, torch.zeros_like(batch[vk]), batch[vk])
+        return out
+
+    def __call__(self, model, batch: dict[str, Tensor], generator=None) -> ObjectiveOutput:
+        fields = [f for f in model.field_vocab_sizes if f in batch]
+        masks = self.make_masks(batch, fields, generator)
+        out, pred, _ = run_net(model, self.apply_masks(batch, masks))
+        targets = {f: batch[f] for f in fields}
+        values = {f: batch[value_key(f)] for f in fields if value_key(f) in batch}
+        res = field_losses(pred.logits, pred.values, targets, values, masks, "masked", self.regression_weight)
+        res.metrics["masked/fraction"] = torch.stack([m.float().sum() for m in masks.values()]).sum().detach() / (
+            len(masks) * _valid(batch).sum().clamp(min=1))
+        res.aux = out.aux_loss  # type: ignore[attr-defined]
+        return res
+
+
+# ------------------------------------------------------------------------------ next event
+
+
+def next_event_targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(B, T) bool `has_next`: event t has a next event t+1 in the same sequence (same packed
+    segment, both real); and (B, T) long index t+1 (clamped). Position T-1 never has one."""
+    valid = _valid(batch)
+    B, T = valid.shape
+    nxt = valid[:, 1:] & valid[:, :-1]
+    if "segment_ids" in batch:
+        seg = batch["segment_ids"]
+        nxt = nxt & (seg[:, 1:] == seg[:, :-1])
+    has_next = torch.cat([nxt, torch.zeros(B, 1, dtype=torch.bool, device=valid.device)], 1)
+    idx = torch.arange(T, device=valid.device).add(1).clamp(max=T - 1).expand(B, T)
+    return has_next, idx
+
+
+def shift_left(x: Tensor) -> Tensor:
+    """x[:, t+1] at position t (last position repeats; it is masked by has_next)."""
+    return torch.cat([x[:, 1:], x[:, -1:]], 1)
+
+
+class NextEventObjective:
+    """Decoder: every field of event t+1 and the time to it (seconds) from hidden state t."""
+
+    name = "next"
+
+    def __init__(self, time_weight: float = 1.0, regression_weight: float = 1.0):
+        self.time_weight, self.regression_weight = time_weight, regression_weight
+
+    def __call__(self, model, batch: dict[str, Tensor], generator=None) -> ObjectiveOutput:
+        fields = [f for f in model.field_vocab_sizes if f in batch]
+        has_next, _ = next_event_targets(batch)
+        out, pred, _ = run_net(model, batch)
+        targets = {f: shift_left(batch[f]) for f in fields}
+        values = {f: shift_left(batch[value_key(f)]) for f in fields if value_key(f) in batch}
+        where = {f: has_next for f in fields}
+        res = field_losses(pred.logits, pred.values, targets, values, where, "next", self.regression_weight)
+        if self.time_weight > 0 and pred.time and "ts" in batch:
+            ts = batch["ts"].long()
+            dt = ((shift_left(ts) - ts).clamp(min=0).double() / 1e6).float()  # seconds
+            nll = inner(model).heads.time.nll(pred.time, dt)  # (B, T)
+            t_loss = (nll * has_next).sum() / has_next.sum().clamp(min=1)
+            res.loss = res.loss + self.time_weight * t_loss
+            res.metrics["next/loss_time"] = t_loss.detach()
+            res.ce_sums["time"] = ((nll * has_next).sum().detach(), has_next.sum().detach())
+        res.aux = out.aux_loss  # type: ignore[attr-defined]
+        return res
+
+
+# ------------------------------------------------------------------------------ contrastive
+
+
+def sequence_spans(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per sequence (ordered as `sequence_index`): row, first column, length — each (N,)."""
+    valid = _valid(batch)
+    seq, N = sequence_index(batch, valid if valid_mask(batch) is not None else None)
+    B, T = valid.shape
+    flat = seq.reshape(-1)
+    keep = flat >= 0
+    si = flat[keep]
+    pos = torch.arange(B * T, device=valid.device)[keep]
+    length = torch.zeros(N, dtype=torch.long, device=valid.device).index_add_(0, si, torch.ones_like(si))
+    first = torch.full((N,), B * T, dtype=torch.long, device=valid.device).scatter_reduce(0, si, pos, "amin")
+    return first // T, first % T, length
+
+
+def crop_views(batch: dict[str, Tensor], fields: list[str], n_views: int, min_frac: float, max_frac: float,
+               min_len: int, generator) -> dict[str, Tensor]:
+    """n_views random contiguous sub-sequences of every sequence, as one right-padded unpacked batch
+    of n_views * N rows (view v of sequence n is row v * N + n)."""
+    row, col, length = sequence_spans(batch)
+    dev = length.device
+    N = len(length)
+    L = length.repeat(n_views)
+    r = row.repeat(n_views)
+    c = col.repeat(n_views)
+    u1 = _rand((n_views * N,), generator, dev)
+    u2 = _rand((n_views * N,), generator, dev)
+    lo = torch.clamp(torch.ceil(L.float() * min_frac).long(), min=min_len).minimum(L)
+    hi = torch.clamp(torch.floor(L.float() * max_frac).long(), min=1).maximum(lo).minimum(L)
+    n = lo + (u1 * (hi - lo + 1).float()).long().minimum(hi - lo)
+    start = c + (u2 * (L - n + 1).float()).long().minimum(L - n)
+    Tn = int(n.max()) if N else 1
+    ar = torch.arange(Tn, device=dev)
+    ok = ar[None] < n[:, None]  # (V*N, Tn)
+    src = (start[:, None] + ar[None]).clamp(max=batch_T(batch) - 1)
+    out: dict[str, Tensor] = {}
+    keys = list(fields) + [value_key(f) for f in fields if value_key(f) in batch] + (["ts"] if "ts" in batch else [])
+    for k in keys:
+        x = batch[k][r[:, None], src]
+        out[k] = torch.where(ok, x, torch.zeros_like(x))
+    out["attention_mask"] = ok
+    out["positions"] = torch.where(ok, ar[None].expand_as(ok), torch.zeros_like(src))
+    return out
+
+
+def batch_T(batch: dict[str, Tensor]) -> int:
+    return _valid(batch).shape[1]
+
+
+def gather_with_grad(z: Tensor) -> tuple[Tensor, int, Tensor]:
+    """All ranks' rows (padded to the largest count) with gradients flowing back to each rank's
+    own rows; returns (all rows, offset of this rank's rows, validity mask of all rows)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z, 0, torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    from torch.distributed.nn.functional import all_gather
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([z.shape[0]], device=z.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes_l = [int(s) for s in sizes]
+    m = max(sizes_l)
+    zp = torch.cat([z, z.new_zeros(m - z.shape[0], z.shape[1])], 0)
+    parts = all_gather(zp)
+    allz = torch.cat(parts, 0)
+    ok = torch.cat([torch.arange(m, device=z.device) < s for s in sizes_l])
+    return allz, rank * m, ok
+
+
+def info_nce(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True) -> tuple[Tensor, Tensor]:
+    """Symmetric InfoNCE (NT-Xent) between L2-normalised views z1[i] <-> z2[i]; negatives are all
+    other views in the (gathered) batch. Returns (loss, top-1 accuracy of finding the positive)."""
+    z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+    N = z1.shape[0]
+    local = torch.cat([z1, z2], 0)  # (2N, d)
+    if gather:
+        allz1, off, ok1 = gather_with_grad(z1)
+        allz2, _, ok2 = gather_with_grad(z2)
+    else:
+        allz1, off, ok1 = z1, 0, torch.ones(N, dtype=torch.bool, device=z1.device)
+        allz2, ok2 = z2, ok1
+    M = allz1.shape[0]
+    keys = torch.cat([allz1, allz2], 0)  # (2M, d)
+    kok = torch.cat([ok1, ok2], 0)
+    logits = local @ keys.T / temperature  # (2N, 2M)
+    ar = torch.arange(N, device=z1.device)
+    self_idx = torch.cat([off + ar, M + off + ar])
+    pos_idx = torch.cat([M + off + ar, off + ar])
+    mask = ~kok[None].expand_as(logits).clone()
+    mask[torch.arange(2 * N, device=z1.device), self_idx] = True  # a view is not its own negative
+    logits = logits.masked_fill(mask, float("-inf"))
+    loss = F.cross_entropy(logits, pos_idx)
+    acc = (logits.argmax(-1) == pos_idx).float().mean()
+    return loss, acc
+
+
+class ContrastiveObjective:
+    """CoLES: two random sub-sequences (length fraction in [min_frac, max_frac], at least
+    `min_len` events) of each sequence are positives; InfoNCE over the (gathered) batch."""
+
+    name = "contrastive"
+
+    def __init__(self, temperature: float = 0.1, min_frac: float = 0.5, max_frac: float = 1.0, min_len: int = 2,
+                 gather: bool = True):
+        if temperature <= 0 or not 0 < min_frac <= max_frac <= 1:
+            raise ValueError("contrastive: need temperature > 0 and 0 < min_frac <= max_frac <= 1")
+        self.temperature, self.min_frac, self.max_frac = temperature, min_frac, max_frac
+        self.min_len, self.gather = min_len, gather
+
+    def __call__(self, model, batch: dict[str, Tensor], generator=None) -> ObjectiveOutput:
+        fields = [f for f in model.field_vocab_sizes if f in batch]
+        views = crop_views(batch, fields, 2, self.min_frac, self.max_frac, self.min_len, generator)
+        out, _, z = run_net(model, views, heads=False, project=True)
+        N = z.shape[0] // 2
+        loss, acc = info_nce(z[:N], z[N:], self.temperature, self.gather)
+        res = ObjectiveOutput(loss=loss, metrics={"contrastive/loss": loss.detach(), "contrastive/acc": acc.detach()})
+        res.aux = out.aux_loss  # type: ignore[attr-defined]
+        return res
+
+
+ENCODER_OBJECTIVES = ("masked", "contrastive")
+DECODER_OBJECTIVES = ("next",)

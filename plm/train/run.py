@@ -1,0 +1,217 @@
+"""`train(cfg: TrainConfig) -> dict`: the whole pre-training run, no hydra needed (the CLI in
+`plm.cli.train` only composes the config and picks the run folder).
+
+Run folder layout::
+
+    <run_dir>/config.yaml         the resolved TrainConfig
+    <run_dir>/checkpoints/        step-N.ckpt (periodic), last.ckpt (torch.load(..., weights_only=True))
+    <run_dir>/final.pt            {"model": state_dict, "model_config", "vocab_sizes", "numeric_fields", "arch"}
+    <run_dir>/csv/metrics.csv     every logged metric
+    <run_dir>/curves.png          training curves
+    <run_dir>/wandb/              offline wandb run (sync later with `wandb sync`)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plm.train.config import TrainConfig
+
+STRATEGIES = ("auto", "ddp", "fsdp2")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Clear errors for bad values (hydra already rejects unknown keys and wrong types)."""
+    t = cfg.trainer
+    if t.strategy not in STRATEGIES:
+        raise ValueError(f"trainer.strategy={t.strategy!r} is not one of {STRATEGIES}")
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision={t.precision!r} is not one of {PRECISIONS}")
+    if t.accelerator not in ("cpu", "gpu", "cuda", "auto"):
+        raise ValueError(f"trainer.accelerator={t.accelerator!r} is not one of cpu, gpu, cuda, auto")
+    if t.devices < 1 or t.num_nodes < 1:
+        raise ValueError(f"trainer.devices={t.devices} and trainer.num_nodes={t.num_nodes} must be >= 1")
+    if t.max_steps < 1 and not t.fast_dev_run:
+        raise ValueError(f"trainer.max_steps={t.max_steps} must be >= 1")
+    if t.accumulate_grad_batches < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} must be >= 1")
+    if cfg.arch not in ("auto", "encoder", "decoder"):
+        raise ValueError(f"arch={cfg.arch!r} is not one of auto, encoder, decoder")
+    if (t.require_gpu or t.accelerator in ("gpu", "cuda")) and not torch.cuda.is_available():
+        raise SystemExit(
+            f"plm-train: trainer config asks for GPUs (accelerator={t.accelerator}, devices={t.devices}, "
+            f"num_nodes={t.num_nodes}) but no CUDA device is visible on this machine. Use trainer=cpu "
+            "(or trainer=ddp / trainer=fsdp with trainer.accelerator=cpu for gloo on CPU)."
+        )
+    if t.strategy == "fsdp2" and t.accelerator == "cpu" and t.precision.startswith("16"):
+        raise ValueError("trainer.precision=16-mixed is not supported on CPU; use 32-true or bf16-mixed")
+    cfg.data.validate()
+    from plm.model import model_config_from_dict
+
+    model_config_from_dict(asdict(cfg.model))
+
+
+def _strategy(cfg: TrainConfig):
+    t = cfg.trainer
+    backend = t.process_group_backend or None
+    if t.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
+    if t.strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=t.devices * t.num_nodes, tensor_parallel_size=1,
+                                     process_group_backend=backend, save_distributed_checkpoint=True)
+    return "auto"
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        import time
+
+        return Path("runs/train") / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Pre-train a model; returns {"run_dir", "last_ckpt", "final", "metrics" (last logged values),
+    "throughput" (last throughput figures)}."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from omegaconf import OmegaConf
+
+    from plm.data.datamodule import PLMDataModule
+    from plm.model.flops import flops_per_event
+    from plm.train.callbacks import CurvesCallback, ThroughputCallback, default_peak_flops
+    from plm.train.module import PretrainModule
+
+    check_config(cfg)
+    t = cfg.trainer
+    run_dir = resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+
+    dm = PLMDataModule(config=cfg.data)
+    module = PretrainModule(
+        asdict(cfg.model), dict(dm.vocab_sizes), list(dm.numeric_fields), asdict(cfg.objective), asdict(cfg.optim),
+        asdict(t), cfg.arch, cfg.seed,
+    )
+    fpe = flops_per_event(module.model.cfg, context=cfg.data.max_len, decoder=module.arch == "decoder",
+                          vocab=dict(dm.vocab_sizes))["train"]
+    peak = t.peak_tflops * 1e12 if t.peak_tflops > 0 else default_peak_flops(t.accelerator)
+
+    loggers: list = []
+    csv_logger = CSVLogger(str(run_dir), name="csv", version="")
+    loggers.append(csv_logger)
+    wandb_logger = None
+    if cfg.logger.wandb and cfg.logger.wandb_mode != "disabled":
+        os.environ.setdefault("WANDB_MODE", cfg.logger.wandb_mode)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_logger = WandbLogger(
+            project=cfg.logger.project, name=cfg.name or run_dir.name, save_dir=str(run_dir),
+            entity=cfg.logger.entity or None, offline=cfg.logger.wandb_mode == "offline",
+            config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+        )
+        loggers.append(wandb_logger)
+
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_cb = ModelCheckpoint(
+        dirpath=str(ckpt_dir), filename="step-{step}", auto_insert_metric_name=False,
+        every_n_train_steps=t.checkpoint_every_n_steps if t.checkpoint_every_n_steps > 0 else None,
+        save_top_k=t.save_top_k, save_last=True, monitor=None,
+    )
+    thr = ThroughputCallback(fpe, peak, dm.timer, t.throughput_every_n_steps)
+    callbacks = [ckpt_cb, thr, CurvesCallback(run_dir), LearningRateMonitor(logging_interval="step")]
+    if t.enable_progress_bar:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
+
+    if t.compile and t.strategy != "fsdp2":
+        pass  # compile happens in configure_model for every strategy
+    limit_val = t.limit_val_batches if t.limit_val_batches <= 1 else int(t.limit_val_batches)
+    trainer = pl.Trainer(
+        accelerator="gpu" if t.accelerator == "cuda" else t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=_strategy(cfg),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        val_check_interval=t.val_check_interval if t.val_check_interval > 0 else None,
+        check_val_every_n_epoch=None if t.val_check_interval > 0 else 1,
+        limit_val_batches=limit_val,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        log_every_n_steps=t.log_every_n_steps,
+        fast_dev_run=t.fast_dev_run,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        logger=loggers,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+    )
+    ckpt_path = cfg.ckpt_path or None
+    if ckpt_path == "last":
+        ckpt_path = str(ckpt_dir / "last.ckpt")
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+
+    final = run_dir / "final.pt"
+    if t.strategy == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = {k.removeprefix("model."): v for k, v in full.items()}  # a collective: every rank calls it
+    else:
+        sd = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
+    if trainer.global_rank == 0:
+        torch.save({"model": sd, "model_config": asdict(cfg.model), "vocab_sizes": dict(dm.vocab_sizes),
+                    "numeric_fields": list(dm.numeric_fields), "arch": module.arch}, final)
+        if wandb_logger is not None and cfg.logger.log_artifacts:
+            _log_artifacts(wandb_logger, dm, final, run_dir)
+        if wandb_logger is not None:
+            import wandb
+
+            wandb.finish()
+    metrics = {k: float(v) for k, v in trainer.logged_metrics.items() if torch.as_tensor(v).numel() == 1}
+    last_ckpt = ckpt_dir / "last.ckpt"
+    return {"run_dir": str(run_dir), "last_ckpt": str(last_ckpt), "final": str(final), "metrics": metrics,
+            "throughput": dict(thr.last), "global_step": trainer.global_step}
+
+
+def _log_artifacts(wandb_logger, dm, final: Path, run_dir: Path) -> None:
+    import wandb
+
+    from plm.data.dataset import join
+
+    run = wandb_logger.experiment
+    tok_rel = (dm.manifest.get("tokenizer") or {}).get("path", "tokenizer.json")
+    tok_local = run_dir / "tokenizer.json"
+    with dm.fs.open_input_stream(join(dm.root, tok_rel)) as f:
+        tok_local.write_bytes(f.read())
+    art = wandb.Artifact("tokenizer", type="tokenizer")
+    art.add_file(str(tok_local))
+    run.log_artifact(art)
+    art = wandb.Artifact("model", type="model")
+    art.add_file(str(final))
+    run.log_artifact(art)

@@ -1,0 +1,212 @@
+"""Unit tests of the pre-training losses (plm.train.objectives) on hand-made batches."""
+
+from __future__ import annotations
+
+import torch
+
+from plm.model import ModelConfig, PLMDecoder, PLMEncoder
+from plm.model.batch import MASK, N_SPECIALS, PAD, pack_sequences, value_key
+from plm.model.testing import TOY_NUMERIC, TOY_VOCAB, random_batch, take
+from plm.train.module import lr_lambda
+from plm.train.objectives import (
+    ContrastiveObjective,
+    MaskedEventObjective,
+    NextEventObjective,
+    crop_views,
+    field_losses,
+    info_nce,
+    next_event_targets,
+    sequence_spans,
+)
+
+torch.set_num_threads(1)
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    c = ModelConfig(d_model=32, n_layers=1)
+    c.attention.n_heads = 2
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c.validate()
+
+
+def padded_batch(B=3, T=10, seed=0):
+    b = random_batch(B=B, T=T, seed=seed)
+    lens = torch.tensor([T, T - 4, 3])[:B]
+    m = torch.arange(T)[None] < lens[:, None]
+    for k in list(b):
+        b[k] = torch.where(m, b[k], torch.zeros_like(b[k]))
+    b["attention_mask"] = m
+    return b
+
+
+def packed_batch(seed=0):
+    src = random_batch(B=4, T=6, seed=seed)
+    seqs = [take(src, 0, 0, 5), take(src, 1, 0, 3), take(src, 2, 0, 6), take(src, 3, 0, 2)]
+    return pack_sequences(seqs, 8)
+
+
+def test_masking_never_touches_padding_and_masks_ids_and_values():
+    b = padded_batch()
+    obj = MaskedEventObjective(event_prob=0.5, field_prob=0.3)
+    g = torch.Generator().manual_seed(0)
+    masks = obj.make_masks(b, list(TOY_VOCAB), g)
+    for f, m in masks.items():
+        assert not (m & ~b["attention_mask"]).any(), f
+        assert m.any()
+    masked = obj.apply_masks(b, masks)
+    for f, m in masks.items():
+        assert (masked[f][m] == MASK).all()
+        assert (masked[f][~m] == b[f][~m]).all()
+        assert (masked[f][~b["attention_mask"]] == PAD).all()
+        if value_key(f) in b:
+            assert (masked[value_key(f)][m] == 0).all()
+    # whole-event masking: with field_prob 0 every field shares the event mask
+    masks = MaskedEventObjective(0.5, 0.0).make_masks(b, list(TOY_VOCAB), torch.Generator().manual_seed(1))
+    ms = list(masks.values())
+    assert all(torch.equal(ms[0], m) for m in ms)
+
+
+def test_masks_depend_only_on_generator():
+    b = padded_batch()
+    obj = MaskedEventObjective(0.3, 0.1)
+    a = obj.make_masks(b, list(TOY_VOCAB), torch.Generator().manual_seed(5))
+    c = obj.make_masks(b, list(TOY_VOCAB), torch.Generator().manual_seed(5))
+    assert all(torch.equal(a[f], c[f]) for f in a)
+
+
+def test_perfect_logits_give_near_zero_loss_and_full_accuracy():
+    b = padded_batch()
+    where = {f: b["attention_mask"] for f in TOY_VOCAB}
+    logits = {f: torch.nn.functional.one_hot(b[f].long(), v).float() * 100.0 for f, v in TOY_VOCAB.items()}
+    res = field_losses(logits, {}, {f: b[f] for f in TOY_VOCAB}, {}, where, "m", 0.0)
+    assert res.loss.item() < 1e-6
+    for f in TOY_VOCAB:
+        assert res.metrics[f"m/acc_{f}"].item() == 1.0
+    # uniform logits: loss = log V averaged over fields
+    logits = {f: torch.zeros(*b[f].shape, v) for f, v in TOY_VOCAB.items()}
+    res = field_losses(logits, {}, {f: b[f] for f in TOY_VOCAB}, {}, where, "m", 0.0)
+    expect = torch.tensor([float(torch.log(torch.tensor(float(v)))) for v in TOY_VOCAB.values()]).mean()
+    assert abs(res.loss.item() - expect.item()) < 1e-5
+    # perfect regression values add ~0
+    vals = {f: b[value_key(f)] for f in TOY_NUMERIC}
+    logits = {f: torch.nn.functional.one_hot(b[f].long(), v).float() * 100.0 for f, v in TOY_VOCAB.items()}
+    res = field_losses(logits, vals, {f: b[f] for f in TOY_VOCAB}, vals, where, "m", 1.0)
+    assert res.loss.item() < 1e-6
+
+
+def test_padding_targets_are_ignored():
+    b = padded_batch()
+    where = {f: torch.ones_like(b["attention_mask"]) for f in TOY_VOCAB}  # even padding selected
+    logits = {f: torch.nn.functional.one_hot(b[f].long(), v).float() * 100.0 for f, v in TOY_VOCAB.items()}
+    for f in logits:  # make padding positions wrong: must not matter
+        logits[f][~b["attention_mask"]] = 0.0
+    res = field_losses(logits, {}, {f: b[f] for f in TOY_VOCAB}, {}, where, "m", 0.0)
+    assert res.loss.item() < 1e-6
+
+
+def test_masked_objective_runs_and_backprops():
+    torch.manual_seed(0)
+    model = PLMEncoder(tiny_cfg(), TOY_VOCAB, list(TOY_NUMERIC))
+    for b in (padded_batch(), packed_batch()):
+        res = MaskedEventObjective(0.3, 0.1)(model, b, torch.Generator().manual_seed(0))
+        assert torch.isfinite(res.loss)
+        res.loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        assert set(res.ce_sums) <= set(TOY_VOCAB)
+
+
+def test_next_event_targets_shift_within_segments():
+    b = packed_batch()
+    has_next, idx = next_event_targets(b)
+    seg = b["segment_ids"]
+    B, T = seg.shape
+    for r in range(B):
+        for t in range(T):
+            expect = t + 1 < T and seg[r, t] != 0 and seg[r, t + 1] == seg[r, t]
+            assert bool(has_next[r, t]) == bool(expect), (r, t)
+    # the last event of every segment has no target; never crosses into the next segment
+    assert not has_next[:, -1].any()
+    # padded (unpacked) rows: the last real event has no next
+    p = padded_batch()
+    hn, _ = next_event_targets(p)
+    lens = p["attention_mask"].sum(1)
+    for r in range(3):
+        assert hn[r].sum() == lens[r] - 1
+        assert not hn[r, lens[r] - 1]
+
+
+def test_next_event_objective_perfect_prediction_and_time():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = PLMDecoder(cfg, TOY_VOCAB, list(TOY_NUMERIC))
+    b = packed_batch()
+    res = NextEventObjective(time_weight=1.0)(model, b)
+    assert torch.isfinite(res.loss) and "next/loss_time" in res.metrics
+    res.loss.backward()
+    # the targets fed to the loss are the next event's ids of the same segment
+    from plm.train.objectives import shift_left
+
+    f = "merchant"
+    hn, _ = next_event_targets(b)
+    tgt = shift_left(b[f])
+    r, t = hn.nonzero()[0].tolist()
+    assert tgt[r, t] == b[f][r, t + 1]
+
+
+def test_sequence_spans_and_crops_stay_inside_each_sequence():
+    b = packed_batch()
+    row, col, length = sequence_spans(b)
+    assert length.tolist() == [5, 3, 6, 2] or sorted(length.tolist()) == [2, 3, 5, 6]
+    g = torch.Generator().manual_seed(0)
+    v = crop_views(b, list(TOY_VOCAB), 2, 0.5, 1.0, 1, g)
+    N = len(length)
+    n = v["attention_mask"].sum(1)
+    assert v["attention_mask"].shape[0] == 2 * N
+    for i in range(2 * N):
+        s = i % N
+        assert 1 <= n[i] <= length[s]
+        # every cropped ts lies inside the source sequence, in order
+        src_ts = b["ts"][row[s], col[s] : col[s] + length[s]]
+        got = v["ts"][i, : n[i]]
+        assert all(x in src_ts.tolist() for x in got.tolist())
+        assert (got[1:] >= got[:-1]).all()
+        assert (v["merchant"][i, n[i]:] == PAD).all()
+
+
+def test_info_nce_identical_views_beat_shuffled():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 8, generator=g)
+    same, acc = info_nce(z, z.clone(), 0.1, gather=False)
+    shuffled, _ = info_nce(z, z[torch.randperm(16, generator=g)], 0.1, gather=False)
+    assert same.item() < shuffled.item()
+    assert acc.item() == 1.0
+
+
+def test_contrastive_objective_runs():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.heads.projection_dim = 16
+    model = PLMEncoder(cfg, TOY_VOCAB, list(TOY_NUMERIC))
+    res = ContrastiveObjective(0.1, 0.5, 1.0, 1)(model, packed_batch(), torch.Generator().manual_seed(0))
+    assert torch.isfinite(res.loss)
+    res.loss.backward()
+    assert model.projection.net[0].weight.grad is not None
+
+
+def test_specials_are_not_regression_targets():
+    b = padded_batch()
+    where = {f: b["attention_mask"] for f in TOY_VOCAB}
+    logits = {f: torch.nn.functional.one_hot(b[f].long(), v).float() * 100.0 for f, v in TOY_VOCAB.items()}
+    vals = {f: torch.where(b[f] >= N_SPECIALS, b[value_key(f)], torch.full_like(b[value_key(f)], 1e3))
+            for f in TOY_NUMERIC}
+    res = field_losses(logits, {f: b[value_key(f)] for f in TOY_NUMERIC}, {f: b[f] for f in TOY_VOCAB}, vals,
+                       where, "m", 1.0)
+    assert res.loss.item() < 1e-6
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_lambda(0, 10, 100, 0.1) == 0.1
+    assert lr_lambda(9, 10, 100, 0.1) == 1.0
+    assert abs(lr_lambda(100, 10, 100, 0.1) - 0.1) < 1e-9
+    assert 0.1 < lr_lambda(55, 10, 100, 0.1) < 1.0
