@@ -61,6 +61,18 @@ def write_raw(root: Path, labels: pa.Table | None = None, **sources: list[dict] 
     return root
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op torch thread is faster and immune to OpenMP oversubscription
+    when other processes load the machine; the previous setting is restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def spark():
     from data_prep.prep import spark_session

@@ -19,15 +19,6 @@ from plm.data.collate import (
 from plm.model.batch import pack_sequences, sequence_index
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's thread pool only adds contention on the shared CI cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_plan_packed_is_first_fit_with_a_row_budget():
     # rows of 8, budget 16 -> 2 rows per batch
     plans = plan_packed(np.array([5, 3, 4, 2, 6, 1]), row_len=8, max_tokens=16)

@@ -19,16 +19,6 @@ from plm.data.datamodule import (
     interleave,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's thread pool only adds contention on the shared CI cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = dict(max_len=12, max_tokens=48, shuffle_buffer=64, seed=5)
 
 

@@ -16,16 +16,6 @@ from plm.data.collate import ID_COLUMNS, LIST_COLUMNS, VALUE_COLUMNS
 from plm.data.dataset import PLMStream, SplitIndex
 from plm.model.batch import sequence_index
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's thread pool only adds contention on the shared CI cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MAX_LEN = 12
 MAX_TOKENS = 48
 

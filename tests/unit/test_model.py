@@ -31,17 +31,6 @@ from plm.model.flops import main as flops_main
 from plm.model.heads import BinnedTime, LogNormalMixtureTime, sample_logits
 from plm.model.testing import T0_US, TOY_NUMERIC, TOY_VOCAB, pad_right, random_batch, stack, take
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to OpenMP oversubscription when other
-    processes load the machine; the previous setting is restored for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIME_AWARE = PositionConfig(rope="time", bias="time_alibi+time_bucket")
 SCHEMES = {

@@ -14,17 +14,6 @@ from plm.model.attention import Attention, AttnContext, KVCache, eager_attention
 from plm.model.batch import pack_sequences
 from plm.model.testing import TOY_NUMERIC, TOY_VOCAB, pad_right, random_batch, take
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to OpenMP oversubscription when other
-    processes load the machine; the previous setting is restored for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 POSITION_SCHEMES = {
     "none": PositionConfig(rope="none"),
     "learned": PositionConfig(rope="none", absolute="learned"),

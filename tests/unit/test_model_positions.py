@@ -25,16 +25,6 @@ from plm.model.positions import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to OpenMP oversubscription when other
-    processes load the machine; the previous setting is restored for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_rope_matches_direct_rotation_formula():
     torch.manual_seed(0)
     B, T, H, D = 2, 5, 3, 8
