@@ -254,8 +254,12 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         cfg.spark.conf.get("spark.sql.shuffle.partitions")
         or max(2 * spark.sparkContext.defaultParallelism, math.ceil(sum(n_input.values()) / 1_000_000))
     )
+    if "spark.sql.shuffle.partitions" not in cfg.spark.conf:
+        # cached frames keep their shuffle partitions (AQE does not coalesce them): size them
+        spark.conf.set("spark.sql.shuffle.partitions", str(n_partitions))
     # 1. validate, quarantine, dedupe (per source)
     accounting, quarantine_files, kept_frames = {}, {}, []
+    last_us = None  # epoch µs of the last kept row, for the default cut-off
     flagged_frames = []
     for source, files in inputs.items():
         acc = {"input_rows": n_input[source], "kept_rows": 0, "duplicate_rows": 0, "quarantined_rows": {}}
@@ -268,19 +272,23 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
         flagged_frames.append(flagged)
         counts = flagged.groupBy("_status", "reason").agg(
-            F.count(F.lit(1)).alias("rows"), F.sum(F.col("_copies") - 1).alias("duplicates")
+            F.count(F.lit(1)).alias("rows"),
+            F.sum(F.col("_copies") - 1).alias("duplicates"),
+            F.max(F.unix_micros("ts")).alias("last_us"),  # an int: no local-time conversion
         )
         for r in counts.collect():
             acc["duplicate_rows"] += int(r["duplicates"])
             if r["_status"] == "kept":
                 acc["kept_rows"] = r["rows"]
+                last_us = max(last_us, r["last_us"]) if last_us is not None else r["last_us"]
             else:
                 acc["quarantined_rows"][r["reason"]] = r["rows"]
         public = [c.name for c in RAW_SOURCES[source] if c.name not in PRIVATE_COLUMNS]
         q = flagged.where(F.col("_status") == "quarantined").select(*public, "reason")
         qloc = staging.child("quarantine", source)
         if sum(acc["quarantined_rows"].values()):
-            q.orderBy("reason", *public).coalesce(1).write.parquet(qloc.uri)  # a total order
+            # one file in a total order (no range-partitioning sample job)
+            q.repartition(1).sortWithinPartitions("reason", *public).write.parquet(qloc.uri)
         quarantine_files[source] = [f"quarantine/{source}/{n}" for n, _ in finalize_spark_output(qloc)]
         kept_frames.append(T.to_events(flagged.where(F.col("_status") == "kept"), source))
     for source, acc in accounting.items():
@@ -304,11 +312,12 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         events = events.unionByName(f)
     if cfg.cutoff:
         cutoff = _iso(_parse_time(cfg.cutoff, "cutoff"))
-    else:
-        last = events.agg(F.max("ts")).collect()[0][0]
-        cutoff = _iso(last.replace(tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=1))
-    in_window = F.col("ts") < F.lit(cutoff).cast("timestamp")
-    after = dict(events.where(~in_window).groupBy("event_type").count().collect())
+        in_window = F.col("ts") < F.lit(cutoff).cast("timestamp")
+        after = dict(events.where(~in_window).groupBy("event_type").count().collect())
+    else:  # just after the last kept event: nothing is after it, no need to count
+        cutoff = _iso(dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=last_us + 1))
+        in_window = F.col("ts") < F.lit(cutoff).cast("timestamp")
+        after = {}
     for source, acc in accounting.items():
         acc["after_cutoff_rows"] = after.get(T.EVENT_TYPE_NAME[source], 0)
         acc["sequence_rows"] = acc["kept_rows"] - acc["after_cutoff_rows"]

@@ -97,19 +97,15 @@ def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame
     - Rows that share an `event_id` but differ in content are all quarantined as
       `conflicting_event_id` (no arbitrary winner is picked).
 
-    Two hash aggregations after one shuffle: by content, then by event_id for the conflicts.
+    One shuffle: a hash aggregation by content, then a count over event_id for the conflicts.
     """
     cols = [c.name for c in RAW_SOURCES[source]]
-    # One shuffle by event_id serves all three steps: hash partitioning on event_id already
-    # clusters rows by content and by event_id, so the aggregations and the join add none.
+    # One shuffle by event_id serves both steps: hash partitioning on event_id already clusters
+    # rows by content (aggregation) and by event_id (window), so neither adds a shuffle, and
+    # the input is read once.
     distinct = df.repartition("event_id").groupBy(*cols).agg(F.count(F.lit(1)).alias("_copies"))
-    conflicts = (
-        distinct.where(F.col("event_id").isNotNull())
-        .groupBy("event_id")
-        .agg(F.count(F.lit(1)).alias("_n_distinct"))
-        .where(F.col("_n_distinct") > 1)
-    )
-    df = distinct.join(conflicts, "event_id", "left")
+    n_distinct = F.count(F.lit(1)).over(Window.partitionBy("event_id"))
+    df = distinct.withColumn("_n_distinct", F.when(F.col("event_id").isNotNull() & (n_distinct > 1), n_distinct))
 
     checks: list[tuple[str, Column]] = [
         ("null_event_id", F.col("event_id").isNull()),
