@@ -198,9 +198,6 @@ def fit_tokenizer(train_events, cfg, n_train_users: int) -> Tokenizer:
 
 def run_prep(cfg, spark=None) -> dict:
     """Run the whole job; returns the manifest (also written to OUT/manifest.json)."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     check_config(cfg)
@@ -228,7 +225,7 @@ def run_prep(cfg, spark=None) -> dict:
     spark = spark or spark_session(cfg.spark)
     timings["spark_start_s"] = time.perf_counter() - t
     try:
-        manifest = _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, F, StorageLevel)
+        manifest = _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings)
     except BaseException:
         staging.delete()
         raise
@@ -246,7 +243,10 @@ def run_prep(cfg, spark=None) -> dict:
     return manifest
 
 
-def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, F, StorageLevel) -> dict:
+def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings) -> dict:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
     t = time.perf_counter()
     # Partitions of the per-user stage: ~1M input rows each, at least 2 per core (an explicit
     # spark.sql.shuffle.partitions in spark.conf wins). Other shuffles are sized by AQE.
@@ -336,10 +336,7 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
     # 3. fit the tokenizer on training users only
     t = time.perf_counter()
     tokenizer = fit_tokenizer(train, cfg, n_train_users)
-    with staging.fs.open_output_stream(staging.child("tokenizer.json").path) as fh:
-        import json
-
-        fh.write(json.dumps(tokenizer.to_dict(), indent=1, sort_keys=True).encode())
+    staging.child("tokenizer.json").write_json(tokenizer.to_dict())
     timings["fit_tokenizer_s"] = time.perf_counter() - t
     log("tokenizer: " + ", ".join(f"{k}={v}" for k, v in tokenizer.vocab_sizes().items()))
 
