@@ -29,14 +29,11 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from plm.model import (  # noqa: E402
+from plm.model import (
     AttentionConfig,
     EmbeddingConfig,
     FFNConfig,
@@ -46,10 +43,10 @@ from plm.model import (  # noqa: E402
     PLMEncoder,
     PositionConfig,
 )
-from plm.model.batch import pack_sequences  # noqa: E402
-from plm.model.flops import REFERENCE_NUMERIC, REFERENCE_VOCAB  # noqa: E402
-from plm.model.generate import sample_event  # noqa: E402
-from plm.model.testing import random_batch, take  # noqa: E402
+from plm.model.batch import pack_sequences
+from plm.model.flops import REFERENCE_NUMERIC, REFERENCE_VOCAB
+from plm.model.generate import sample_event
+from plm.model.testing import random_batch, take
 
 RESULTS: list[dict] = []
 
