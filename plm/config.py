@@ -68,3 +68,4 @@ cs = ConfigStore.instance()
 cs.store(name="synth_schema", node=SynthConfig)
 cs.store(name="prep_schema", node=PrepConfig)
 import plm.train.config  # noqa: F401,E402
+import plm.export.config  # noqa: F401,E402

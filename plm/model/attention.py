@@ -128,7 +128,7 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, dropout_p
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, dropout_p: float = 0.0,
                    training: bool = False) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / math kernels)."""
-    H, Hkv = q.shape[1], k.shape[1]
+    H, Hkv = int(q.shape[1]), int(k.shape[1])  # python ints also under ONNX tracing (head counts are fixed)
     mask = ctx.sdpa_mask()
     is_causal = ctx.is_causal and mask is None
     if is_causal and q.shape[2] != k.shape[2]:

@@ -142,8 +142,11 @@ class EventEmbedding(nn.Module):
         if self.mixer is None and self.proj is None:  # sum: one embedding_bag, no (B, T, F, d) tensor
             rows = self._rows(batch)
             B, T, Fn = rows.shape
-            x = F.embedding_bag(rows.view(B * T, Fn), self.table.weight, mode="sum", padding_idx=0)
-            x = x.view(B, T, -1)
+            if torch.onnx.is_in_onnx_export():  # no ONNX symbolic for embedding_bag with padding_idx;
+                x = self.table(rows).sum(2)  # the same sum (row 0 is zero and never trained)
+            else:
+                x = F.embedding_bag(rows.view(B * T, Fn), self.table.weight, mode="sum", padding_idx=0)
+                x = x.view(B, T, -1)
             for v in self._value_terms(batch).values():
                 x = x + v
         else:

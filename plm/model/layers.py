@@ -13,9 +13,19 @@ from plm.model.config import FFNConfig, ModelConfig
 # ----------------------------------------------------------------------------- norms
 
 
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm`, written out while exporting to ONNX (the TorchScript exporter has no
+    `aten::rms_norm` symbolic below opset 23). Same weights, same result."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return super().forward(x)
+
+
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps=eps)
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
     raise ValueError(f"unknown norm '{kind}'")

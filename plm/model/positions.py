@@ -59,13 +59,21 @@ def time_frequencies(n_pairs: int, min_period: float, max_period: float, device=
 
 
 def rope_cis(angles: Tensor) -> Tensor:
-    """(B, T, D/2) float64 angles -> complex64 exp(i * angle) (B, T, 1, D/2) (broadcast over heads)."""
+    """(B, T, D/2) float64 angles -> complex64 exp(i * angle) (B, T, 1, D/2) (broadcast over heads).
+    While exporting to ONNX (no complex tensors there): the real form (B, T, 1, D/2, 2) = (cos, sin)."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.stack([angles.cos(), angles.sin()], dim=-1).float()[:, :, None]
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, :, None]
 
 
 def apply_rope(x: Tensor, cis: Tensor) -> Tensor:
     """Rotate the interleaved pairs (x[2i], x[2i+1]) of x (..., D) by the angles of cis (..., D/2):
-    one complex multiplication. x (B, T, heads, D) with cis (B, T, 1, D/2) in the model."""
+    one complex multiplication. x (B, T, heads, D) with cis (B, T, 1, D/2) in the model. A real
+    `cis` (..., D/2, 2) of (cos, sin) (the ONNX form of `rope_cis`) gives the same rotation."""
+    if not cis.is_complex():
+        xr = x.float().unflatten(-1, (-1, 2))  # (..., D/2, 2)
+        a, b, c, s = xr[..., 0], xr[..., 1], cis[..., 0], cis[..., 1]
+        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., D/2) complex
     return torch.view_as_real(xc * cis).flatten(-2).to(x.dtype)
 

@@ -5,7 +5,7 @@ Run folder layout::
 
     <run_dir>/config.yaml         the resolved TrainConfig
     <run_dir>/checkpoints/        step-N.ckpt (periodic), last.ckpt (torch.load(..., weights_only=True))
-    <run_dir>/final.pt            {"model": state_dict, "model_config", "vocab_sizes", "numeric_fields", "arch"}
+    <run_dir>/final.pt            {"model": state_dict, "model_config", "vocab_sizes", "numeric_fields", "arch", "max_len"}
     <run_dir>/csv/metrics.csv     every logged metric
     <run_dir>/curves.png          training curves
     <run_dir>/wandb/              offline wandb run (sync later with `wandb sync`)
@@ -186,7 +186,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         sd = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
     if trainer.global_rank == 0:
         torch.save({"model": sd, "model_config": asdict(cfg.model), "vocab_sizes": dict(dm.vocab_sizes),
-                    "numeric_fields": list(dm.numeric_fields), "arch": module.arch}, final)
+                    "numeric_fields": list(dm.numeric_fields), "arch": module.arch,
+                    "max_len": int(cfg.data.eval_max_len or cfg.data.max_len)}, final)
         if wandb_logger is not None and cfg.logger.log_artifacts:
             _log_artifacts(wandb_logger, dm, final, run_dir)
         if wandb_logger is not None:

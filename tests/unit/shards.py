@@ -26,6 +26,7 @@ from plm.data.schema import (
 from plm.data.tokenizer import NumericSpec, Tokenizer
 
 T0 = 1_700_000_000_000_000
+CUTOFF = "2024-01-01T00:00:00.000000Z"  # after every event written here (T0 + 1e9 s at most: 2023-11-26)
 
 
 def windows_of(n: int, max_events: int, stride: int) -> list[tuple[int, int]]:
@@ -118,7 +119,8 @@ def write_prepared(
     tok.save(root / "tokenizer.json")
     manifest = {
         "format_version": format_version,
-        "config": {"max_events": max_events, "stride": stride},
+        "config": {"max_events": max_events, "stride": stride, "ts_min": "1990-01-01T00:00:00Z"},
+        "cutoff": CUTOFF,
         "tokenizer": {"path": "tokenizer.json", "vocab_sizes": tok.vocab_sizes()},
         "splits": man_splits,
     }

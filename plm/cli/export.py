@@ -1,0 +1,37 @@
+"""`plm-export ckpt=RUN/final.pt data=PREPARED out=PATH [key=value ...]`: user embeddings
+(Parquet per spec/outputs.md), or `format=onnx` for the encoder as an ONNX graph. See
+`plm.export.run` and the README. Multi-process: `torchrun --nproc_per_node=N -m plm.cli.export ...
+trainer=ddp` (one Parquet part per rank)."""
+
+from __future__ import annotations
+
+import sys
+
+from plm.cli.app import hydra_app
+
+
+@hydra_app("export")
+def main(cfg) -> None:
+    from plm.export.run import run_export
+
+    try:
+        rec = run_export(cfg)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"plm-export: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if "rank" in rec:  # not rank 0
+        return
+    if cfg.format == "onnx":
+        agr = ", ".join(f"{k} cosine min {v['cosine_min']:.5f}" for k, v in rec["agreement"].items())
+        print(f"plm-export: wrote {cfg.out}/{rec['files']['fp32']} ({agr}); details {cfg.out}/onnx.json")
+        return
+    thr = rec["throughput"]
+    agr = rec["agreement"].get("int8_vs_fp32")
+    extra = f"; int8 vs fp32 cosine min {agr['cosine_min']:.5f}" if agr else ""
+    print(f"plm-export: {rec['outputs']['users']} users x {rec['outputs']['dim']} -> {cfg.out} "
+          f"({len(rec['outputs']['parts'])} part(s); {thr['users_per_s']:.0f} users/s, "
+          f"{thr['events_per_s']:.0f} events/s{extra}); record {cfg.out}/_export.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""`ExportConfig`: the typed schema of `plm-export` (values in `conf/export.yaml`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+FORMATS = ("parquet", "onnx")
+QUANTIZE = ("none", "int8")
+INDEXES = ("none", "flat", "hnsw")
+
+
+@dataclass
+class ExportTrainerConfig:
+    """Lightning's predict loop: one process, or DDP over devices x nodes (each rank writes one part)."""
+
+    accelerator: str = "cpu"  # cpu | gpu | auto
+    devices: int = 1  # per node (under torchrun/SLURM: the processes per node)
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp
+    precision: str = "32-true"  # 32-true | bf16-mixed (GPU) | 16-mixed (GPU)
+    process_group_backend: str = ""  # "" = default (nccl on GPU, gloo on CPU)
+    num_threads: int = 0  # torch intra-op CPU threads per process (0 = torch's default)
+
+
+@dataclass
+class ExportConfig:
+    """`plm-export ckpt=RUN/final.pt data=PREPARED out=PATH [pooling=...] [quantize=int8] [format=onnx]`."""
+
+    ckpt: str = MISSING  # final.pt of plm-train (or a run folder holding one, or a Lightning .ckpt file)
+    data: str = MISSING  # folder written by plm-prep (manifest.json, tokenizer.json, shards)
+    out: str = MISSING  # format=parquet: a folder of Parquet parts; format=onnx: a folder for model.onnx
+    overwrite: bool = False
+    format: str = "parquet"  # parquet (embeddings per spec/outputs.md) | onnx (the encoder as an ONNX graph)
+    quantize: str = "none"  # none | int8 (dynamic int8 of every Linear; agreement with fp32 is checked)
+    pooling: str = "model"  # model | mean | last | max | cls | attention (see plm.export.model)
+    normalize: bool = False  # L2-normalise every embedding (cosine = dot product)
+    splits: str = "train,val,test"  # users of these splits (each user is in exactly one split)
+    max_len: int = 0  # most recent events per user; 0 = the length the model was trained on
+    max_tokens: int = 32768  # padded events per batch (B x T), bounds memory
+    read_rows: int = 1024  # rows per Arrow record batch when reading shards
+    row_group_size: int = 8192  # embeddings per Parquet row group (rows buffered before a write)
+    index: str = "none"  # none | flat (exact cosine) | hnsw: a FAISS index beside the Parquet (faiss-cpu)
+    min_cosine: float = 0.99  # quantize/onnx: fail if any checked user's cosine with fp32 is lower
+    agreement_users: int = 512  # users (first batches) compared with the fp32 model
+    opset: int = 17  # ONNX opset
+    progress: bool = True  # progress bar
+    trainer: ExportTrainerConfig = field(default_factory=ExportTrainerConfig)
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)

@@ -1,0 +1,227 @@
+"""Load a trained checkpoint for inference and turn it into a user-embedding function.
+
+- `load_checkpoint(path) -> LoadedModel`: `final.pt` written by `plm-train` (or a Lightning
+  `.ckpt` file of a single-process/DDP run), always with `torch.load(..., weights_only=True)`.
+- `Embedder(model, pooling)`: `forward(batch) -> (N, d) float32` user embeddings from an encoder
+  or a decoder, with the pooling chosen at export time (`POOLINGS`).
+- `OnnxEmbedder` / `onnx_input_names`: the same with positional tensor inputs (for ONNX).
+- `quantize_int8(embedder)`: dynamic int8 quantisation of every `nn.Linear` (torch).
+
+Pooling (`pooling=`): `model` = what the model was trained with (encoder: its `pooling` config,
+i.e. mean / last / cls / attention; decoder: `last`, the causal state that has read the whole
+history); `mean`, `last`, `max` over the real events of each sequence (masked, padding never
+counts); `cls` / `attention` only for encoders trained with that pooling (they need its weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from plm.data.collate import ID_COLUMNS, VALUE_COLUMNS
+from plm.model import PLMDecoder, PLMEncoder, model_config_from_dict
+
+POOLINGS = ("model", "mean", "last", "max", "cls", "attention")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # PLMEncoder or PLMDecoder, eval mode, fp32, CPU
+    arch: str  # "encoder" | "decoder"
+    model_config: dict
+    vocab_sizes: dict[str, int]
+    numeric_fields: list[str]
+    path: str
+    sha256: str  # of the checkpoint file: which weights made an embedding
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def load_checkpoint(path: str | Path) -> LoadedModel:
+    """A `final.pt` of `plm-train` (keys model, model_config, vocab_sizes, numeric_fields, arch) or
+    a Lightning checkpoint file (`checkpoints/*.ckpt`, hyper-parameters + `net.model.*` weights).
+    A run folder is accepted too (its `final.pt`)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "final.pt").exists():
+            p = p / "final.pt"
+        else:
+            raise FileNotFoundError(f"{path} is a folder without final.pt: pass ckpt=RUN_DIR/final.pt or a .ckpt file")
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if p.is_dir():  # pragma: no cover - handled above
+        raise ValueError(f"{p} is a folder")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - rewrap with the path
+        raise ValueError(f"cannot load checkpoint {p} with weights_only=True: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {p} is not a dict")
+    if "model" in obj and "model_config" in obj:
+        sd, mcfg, vocab, numeric, arch = (obj["model"], obj["model_config"], obj["vocab_sizes"],
+                                          obj["numeric_fields"], obj.get("arch", "encoder"))
+    elif "state_dict" in obj and "hyper_parameters" in obj:
+        hp = obj["hyper_parameters"]
+        missing = [k for k in ("model_cfg", "vocab_sizes", "numeric_fields") if k not in hp]
+        if missing:
+            raise ValueError(f"Lightning checkpoint {p} lacks hyper-parameters {missing}: not a plm-train checkpoint")
+        prefix = "net.model."
+        sd = {k[len(prefix):]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        if not sd:
+            raise ValueError(f"Lightning checkpoint {p} has no '{prefix}*' weights")
+        mcfg, vocab, numeric = hp["model_cfg"], hp["vocab_sizes"], hp["numeric_fields"]
+        arch = hp.get("arch", "auto")
+        if arch == "auto":
+            arch = "decoder" if (hp.get("objective") or {}).get("name") == "next" else "encoder"
+    else:
+        raise ValueError(f"checkpoint {p} is neither a plm-train final.pt nor a Lightning checkpoint "
+                         f"(keys: {sorted(obj)[:8]})")
+    if arch not in ("encoder", "decoder"):
+        raise ValueError(f"checkpoint {p}: unknown arch {arch!r}")
+    cfg = model_config_from_dict(dict(mcfg))
+    cls = PLMDecoder if arch == "decoder" else PLMEncoder
+    model = cls(cfg, dict(vocab), list(numeric))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {p} does not fit the model it describes: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.eval()
+    return LoadedModel(model, arch, dict(mcfg), {k: int(v) for k, v in vocab.items()}, list(numeric), str(p),
+                       file_sha256(p))
+
+
+def resolve_pooling(model: nn.Module, pooling: str) -> str:
+    """The concrete pooling for `model` (see the module docstring); a clear error if impossible."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+    decoder = isinstance(model, PLMDecoder)
+    if pooling == "model":
+        return "last" if decoder else model.cfg.pooling
+    if pooling in ("cls", "attention"):
+        if decoder or model.cfg.pooling != pooling:
+            raise ValueError(f"pooling={pooling} needs an encoder trained with pooling={pooling} "
+                             f"(this {'decoder' if decoder else 'encoder'} was trained with "
+                             f"{'none' if decoder else model.cfg.pooling}); use mean, last or max")
+    return pooling
+
+
+def masked_pool(h: Tensor, mask: Tensor, kind: str) -> Tensor:
+    """(B, T, d) hidden states, (B, T) bool mask of real events -> (B, d) pooled over real events.
+    Written with masks only (no data-dependent indexing) so it exports to ONNX."""
+    m = mask.to(h.dtype)[..., None]  # (B, T, 1)
+    if kind == "mean":
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if kind == "max":
+        return h.masked_fill(~mask[..., None], float("-inf")).amax(1)
+    if kind == "last":
+        T = h.shape[1]
+        pos = torch.arange(T, device=h.device)[None].expand_as(mask)
+        last = torch.where(mask, pos, torch.zeros_like(pos)).amax(1)  # (B,) index of the last real event
+        return h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
+    raise ValueError(f"masked_pool: unknown kind {kind!r}")
+
+
+class Embedder(nn.Module):
+    """`Embedder(model, pooling)(batch) -> (N, d)` float32 user embeddings.
+
+    `batch` follows `plm.model.batch` and must be unpacked (one sequence per row, `attention_mask`
+    marks real events), which is what the export loaders produce (bucketed batches)."""
+
+    def __init__(self, model: nn.Module, pooling: str = "model"):
+        super().__init__()
+        self.model = model
+        self.pooling = resolve_pooling(model, pooling)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        if "segment_ids" in batch:
+            raise ValueError("Embedder takes unpacked batches (batch_mode=bucketed)")
+        out = self.model(batch)
+        if self.pooling in ("cls", "attention"):
+            return out.pooled.float()
+        mask = batch["attention_mask"].bool()
+        return masked_pool(out.hidden, mask, self.pooling).float()
+
+
+# ------------------------------------------------------------------------------------ ONNX
+
+TENSOR_INPUTS_TAIL = ("ts", "positions", "attention_mask")
+
+
+def onnx_input_names(vocab_sizes: dict[str, int], numeric_fields: list[str]) -> list[str]:
+    """The ONNX graph's inputs, in order: every id column the model embeds, the value columns of
+    its numeric fields, then ts (int64 us), positions (int64) and attention_mask (bool), all (B, T)."""
+    ids = [c for c in ID_COLUMNS if c in vocab_sizes]
+    vals = [c for c in VALUE_COLUMNS if c.removesuffix("_value") in numeric_fields]
+    return ids + vals + list(TENSOR_INPUTS_TAIL)
+
+
+class OnnxEmbedder(nn.Module):
+    """`Embedder` with positional (B, T) tensor inputs named by `onnx_input_names`."""
+
+    def __init__(self, embedder: Embedder, names: list[str]):
+        super().__init__()
+        self.embedder = embedder
+        self.names = list(names)
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return self.embedder(dict(zip(self.names, tensors)))
+
+
+def export_onnx(embedder: Embedder, sample: dict[str, Tensor], names: list[str], path: str | Path,
+                opset: int = 17) -> None:
+    """Write `embedder` as an ONNX graph with dynamic batch and sequence axes. `sample` must have
+    padding (some attention_mask False) so that the traced graph is the masked path, valid for
+    any batch."""
+    if bool(sample["attention_mask"].all()):
+        raise ValueError("export_onnx: the sample batch needs at least one padded position")
+    wrapped = OnnxEmbedder(embedder, names).eval()
+    args = tuple(sample[n] for n in names)
+    dyn = {n: {0: "batch", 1: "events"} for n in names}
+    with torch.no_grad():
+        torch.onnx.export(wrapped, args, str(path), input_names=names, output_names=["embedding"],
+                          dynamic_axes={**dyn, "embedding": {0: "batch"}}, opset_version=opset, dynamo=False)
+
+
+def quantize_int8(embedder: Embedder) -> Embedder:
+    """Dynamic int8 quantisation (weights int8 per output channel, activations quantised per
+    batch) of the `nn.Linear` layers of the transformer blocks; embedding tables, value encoders,
+    norms and attention products stay fp32. Returns a new module."""
+    import copy
+
+    from torch.ao.quantization import quantize_dynamic
+
+    engines = torch.backends.quantized.supported_engines
+    if "fbgemm" in engines or "x86" in engines:
+        torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
+    elif "qnnpack" in engines:
+        torch.backends.quantized.engine = "qnnpack"
+    else:
+        raise RuntimeError(f"quantize=int8: this torch build has no quantized engine ({engines})")
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    # Only the transformer blocks' projections (where the FLOPs are), with per-output-channel
+    # weight scales; the small value encoders of the event embedding and the heads stay fp32.
+    spec = {name: per_channel_dynamic_qconfig for name, m in embedder.named_modules()
+            if isinstance(m, nn.Linear) and ".blocks." in f".{name}"}
+    return quantize_dynamic(copy.deepcopy(embedder), spec, dtype=torch.qint8)
+
+
+def cosine_agreement(a: Tensor, b: Tensor) -> dict[str, float]:
+    """Row-wise cosine similarity of two (N, d) embedding matrices: min / mean / p01."""
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
+    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+            "cosine_p01": float(torch.quantile(cos, 0.01)), "n": int(len(cos))}

@@ -1,0 +1,547 @@
+"""`run_export(cfg)`: user embeddings (Parquet per `spec/outputs.md`) or the encoder as ONNX.
+
+Batch path (`format=parquet`): the prepared shards stream through Lightning's predict loop
+(`PLMDataModule.predict_dataloader`: the most recent `max_len` events of each user's window 0,
+bucketed by length, each user exactly once over all ranks), an `Embedder` turns each batch into
+(N, d) vectors, and `PartWriter` appends them to one Parquet part per rank. Memory is bounded by
+one shard block plus `row_group_size` buffered embeddings. Under `trainer.strategy=ddp` (torchrun
+or SLURM, any number of nodes) every rank writes `part-<rank>.parquet`; rank 0 then checks that
+the parts hold every expected user exactly once (the manifest's user counts), writes
+`_export.json` (what was consumed and produced, throughput, agreement figures) and the optional
+FAISS index, and moves the staging folder into place. Nothing appears at `out` unless the
+check passes.
+
+Output folder (`format=parquet`)::
+
+    OUT/part-00000.parquet ...   user_id, embedding fixed_size_list<float32>[d], n_events, model,
+                                 model_sha256, checkpoint, tokenizer_sha256, pooling, as_of
+    OUT/_export.json             the run record (inputs, outputs, counts, timings, agreement)
+    OUT/_faiss/index.faiss       optional (index=flat|hnsw): inner product on L2-normalised vectors
+    OUT/_faiss/user_ids.parquet  FAISS id -> user_id
+
+(names starting with `_` are ignored by Parquet dataset readers: `pq.read_table(OUT)` reads the
+embeddings only.)
+
+`format=onnx`: `OUT/model.onnx` (+ `OUT/model.int8.onnx` with `quantize=int8`), `OUT/onnx.json`
+(inputs, output, pooling, identity, agreement with the eager fp32 model on real users) and a copy
+of `tokenizer.json`, i.e. what a service needs to embed raw events without PLM's training code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from plm.export.config import FORMATS, INDEXES, QUANTIZE, ExportConfig
+from plm.export.model import (
+    POOLINGS,
+    Embedder,
+    LoadedModel,
+    cosine_agreement,
+    export_onnx,
+    load_checkpoint,
+    onnx_input_names,
+    quantize_int8,
+)
+
+EMBEDDINGS_FORMAT = "plm-embeddings/1"
+METADATA_KEY = b"plm.embeddings"
+
+
+# ----------------------------------------------------------------------------------- schema
+
+
+def embedding_schema(dim: int, identity: dict) -> pa.Schema:
+    """The embeddings' Parquet schema, with `identity` (JSON) as schema metadata."""
+    return pa.schema(
+        [
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+            pa.field("n_events", pa.int32(), nullable=False),  # events the embedding has read
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("model_sha256", pa.string(), nullable=False),
+            pa.field("checkpoint", pa.string(), nullable=False),
+            pa.field("tokenizer_sha256", pa.string(), nullable=False),
+            pa.field("pooling", pa.string(), nullable=False),
+            pa.field("as_of", pa.timestamp("us", tz="UTC"), nullable=False),
+        ],
+        metadata={METADATA_KEY: json.dumps(identity, sort_keys=True).encode()},
+    )
+
+
+def embedding_table(user_ids: list[str], emb: np.ndarray, n_events: np.ndarray, identity: dict,
+                    schema: pa.Schema) -> pa.Table:
+    n, d = emb.shape
+    flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1), pa.float32())
+    as_of = np.datetime64(identity["as_of"].replace("Z", "").replace("+00:00", ""), "us")
+    cols = [
+        pa.array(user_ids, pa.string()),
+        pa.FixedSizeListArray.from_arrays(flat, d),
+        pa.array(np.asarray(n_events, dtype=np.int32)),
+        pa.array([identity["model"]] * n, pa.string()),
+        pa.array([identity["model_sha256"]] * n, pa.string()),
+        pa.array([identity["checkpoint"]] * n, pa.string()),
+        pa.array([identity["tokenizer_sha256"]] * n, pa.string()),
+        pa.array([identity["pooling"]] * n, pa.string()),
+        pa.array(np.full(n, as_of), pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def read_identity(path: str | Path) -> dict:
+    """The identity (schema metadata) of an embeddings file or folder."""
+    p = Path(path)
+    f = p if p.is_file() else sorted(p.glob("part-*.parquet"))[0]
+    md = pq.read_schema(f).metadata or {}
+    if METADATA_KEY not in md:
+        raise ValueError(f"{f} has no {METADATA_KEY.decode()} schema metadata: not written by plm-export")
+    return json.loads(md[METADATA_KEY])
+
+
+# ------------------------------------------------------------------------------ checks, setup
+
+
+def check_config(cfg: ExportConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format={cfg.format!r} is not one of {FORMATS}")
+    if cfg.quantize not in QUANTIZE:
+        raise ValueError(f"quantize={cfg.quantize!r} is not one of {QUANTIZE}")
+    if cfg.index not in INDEXES:
+        raise ValueError(f"index={cfg.index!r} is not one of {INDEXES}")
+    if cfg.pooling not in POOLINGS:
+        raise ValueError(f"pooling={cfg.pooling!r} is not one of {POOLINGS}")
+    if cfg.format == "onnx" and cfg.index != "none":
+        raise ValueError("index= builds a FAISS index over exported embeddings: use it with format=parquet")
+    for name in ("max_tokens", "read_rows", "row_group_size", "agreement_users"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.max_len < 0:
+        raise ValueError(f"max_len={cfg.max_len} must be >= 0 (0 = the training length)")
+    if not 0.0 < cfg.min_cosine <= 1.0:
+        raise ValueError(f"min_cosine={cfg.min_cosine} must be in (0, 1]")
+    t = cfg.trainer
+    if t.strategy not in ("auto", "ddp"):
+        raise ValueError(f"trainer.strategy={t.strategy!r} is not one of auto, ddp")
+    if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"plm-export: trainer.accelerator={t.accelerator} but no CUDA device is visible; "
+                         "use trainer.accelerator=cpu")
+    if t.accelerator == "cpu" and t.precision != "32-true":
+        raise ValueError(f"trainer.precision={t.precision} needs a GPU; use 32-true on CPU")
+    if cfg.index != "none":
+        try:
+            import faiss  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"plm-export index={cfg.index} needs faiss-cpu (pip install faiss-cpu): {e}") from None
+
+
+def tokenizer_bytes(data: str) -> bytes:
+    from plm.data.dataset import join, resolve_fs
+
+    fs, root = resolve_fs(data)
+    with fs.open_input_stream(join(root, "tokenizer.json")) as f:
+        return f.read()
+
+
+def check_vocab(loaded: LoadedModel, vocab_sizes: dict[str, int], where: str) -> None:
+    """The checkpoint's embedding tables must fit the prepared data's tokenizer exactly."""
+    bad = {f: (n, vocab_sizes.get(f)) for f, n in loaded.vocab_sizes.items() if vocab_sizes.get(f) != n}
+    if bad:
+        raise ValueError(
+            f"checkpoint {loaded.path} was trained on another tokenizer than {where}: fields "
+            + ", ".join(f"{f} (model {a}, data {b})" for f, (a, b) in sorted(bad.items())[:6])
+            + ". Export with the prepared folder the model was trained on (or re-tokenise with its tokenizer.json)."
+        )
+
+
+def training_max_len(loaded: LoadedModel, manifest: dict) -> int:
+    """The sequence length the checkpoint was trained/evaluated with (final.pt records it), else
+    the prepared windows' max_events."""
+    ck = torch.load(loaded.path, map_location="cpu", weights_only=True) if loaded.path.endswith(".pt") else {}
+    n = int(ck.get("max_len", 0) or 0) if isinstance(ck, dict) else 0
+    return n or int(manifest["config"]["max_events"])
+
+
+def model_identity(loaded: LoadedModel, tok_sha: str, cutoff: str, pooling: str, cfg: ExportConfig) -> dict:
+    from plm import __version__
+
+    name = loaded.model_config.get("name", "custom")
+    return {
+        "format": EMBEDDINGS_FORMAT,
+        "model": f"{loaded.arch}:{name}",
+        "model_sha256": loaded.sha256,
+        "checkpoint": os.path.basename(os.path.dirname(os.path.abspath(loaded.path))) + "/"
+        + os.path.basename(loaded.path),
+        "tokenizer_sha256": tok_sha,
+        "pooling": pooling,
+        "as_of": cutoff,
+        "dim": int(loaded.model_config.get("d_model", 0)),
+        "normalized": bool(cfg.normalize),
+        "quantize": cfg.quantize,
+        "plm_version": __version__,
+    }
+
+
+def _set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- predict loop
+
+
+class EmbedModule:
+    """Factory of the LightningModule (kept lazy so `plm.export` imports without Lightning)."""
+
+    @staticmethod
+    def build(embedder: torch.nn.Module, normalize: bool):
+        import lightning.pytorch as pl
+
+        class _Embed(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.embedder = embedder
+                self.normalize = normalize
+
+            def predict_step(self, batch: dict, batch_idx: int) -> dict:
+                tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                e = self.embedder(tensors)
+                if self.normalize:
+                    e = torch.nn.functional.normalize(e, dim=-1)
+                return {"user_id": batch["user_id"], "embedding": e.float().cpu().numpy(),
+                        "n_events": batch["lengths"].cpu().numpy()}
+
+        return _Embed()
+
+
+def part_writer(staging: Path, identity: dict, schema: pa.Schema, row_group_size: int):
+    """A `BasePredictionWriter` appending each rank's embeddings to `staging/part-<rank>.parquet`."""
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    class PartWriter(BasePredictionWriter):
+        def __init__(self):
+            super().__init__(write_interval="batch")
+            self.path: Path | None = None
+            self.writer: pq.ParquetWriter | None = None
+            self.buf: list[dict] = []
+            self.buffered = 0
+            self.rows = 0
+            self.events = 0
+            self.t0: float | None = None
+            self.seconds = 0.0
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            staging.mkdir(parents=True, exist_ok=True)
+            self.path = staging / f"part-{trainer.global_rank:05d}.parquet"
+            self.writer = pq.ParquetWriter(str(self.path), schema, compression="zstd")
+
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+            if self.t0 is None:
+                self.t0 = time.perf_counter()
+
+        def _flush(self) -> None:
+            if not self.buf:
+                return
+            uid = [u for b in self.buf for u in b["user_id"]]
+            emb = np.concatenate([b["embedding"] for b in self.buf])
+            n = np.concatenate([b["n_events"] for b in self.buf])
+            self.writer.write_table(embedding_table(uid, emb, n, identity, schema), row_group_size=len(uid))
+            self.buf, self.buffered = [], 0
+
+        def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                               dataloader_idx) -> None:
+            self.buf.append(prediction)
+            k = len(prediction["user_id"])
+            self.buffered += k
+            self.rows += k
+            self.events += int(prediction["n_events"].sum())
+            if self.buffered >= row_group_size:
+                self._flush()
+
+        def on_predict_end(self, trainer, pl_module) -> None:
+            self._flush()
+            self.writer.close()
+            self.seconds = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
+
+    return PartWriter()
+
+
+def _strategy(t):
+    if t.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend=t.process_group_backend or None)
+    return "auto"
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
+    return out.with_name(out.name + ".__staging__")
+
+
+def _agreement(embedder: Embedder, other, batches: list[dict], normalize: bool) -> dict:
+    a, b = [], []
+    with torch.no_grad():
+        for batch in batches:
+            t = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            a.append(embedder(t))
+            b.append(other(t))
+    return cosine_agreement(torch.cat(a), torch.cat(b))
+
+
+def _sample_batches(dm, n_users: int) -> list[dict]:
+    """The first batches of the predict stream (this process's share), up to n_users users."""
+    out, seen = [], 0
+    for batch in dm.predict_dataloader():
+        out.append(batch)
+        seen += len(batch["user_id"])
+        if seen >= n_users:
+            break
+    return out
+
+
+def _check_agreement(what: str, agr: dict, min_cosine: float) -> None:
+    if agr["cosine_min"] < min_cosine:
+        raise RuntimeError(
+            f"{what}: cosine with the eager fp32 model is {agr['cosine_min']:.4f} for some user "
+            f"(mean {agr['cosine_mean']:.4f} over {agr['n']} users), below min_cosine={min_cosine}"
+        )
+
+
+def open_data(cfg: ExportConfig, loaded: LoadedModel):
+    from plm.data.datamodule import PLMDataModule, read_manifest
+
+    manifest = read_manifest(cfg.data)
+    max_len = cfg.max_len or training_max_len(loaded, manifest)
+    if cfg.max_tokens < max_len:
+        raise ValueError(f"max_tokens={cfg.max_tokens} is smaller than one sequence of max_len={max_len} events")
+    dm = PLMDataModule(cfg.data, max_len=max_len, batch_mode="bucketed", max_tokens=cfg.max_tokens,
+                       predict_splits=cfg.splits, read_rows=cfg.read_rows, shuffle_buffer=max(4096, cfg.row_group_size))
+    check_vocab(loaded, dm.vocab_sizes, cfg.data)
+    return dm, manifest, max_len
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    """Export embeddings (or the ONNX graph) as configured; returns the run record."""
+    check_config(cfg)
+    _set_threads(cfg.trainer.num_threads)
+    loaded = load_checkpoint(cfg.ckpt)
+    dm, manifest, max_len = open_data(cfg, loaded)
+    tok = tokenizer_bytes(cfg.data)
+    import hashlib
+
+    embedder = Embedder(loaded.model, cfg.pooling)
+    identity = model_identity(loaded, hashlib.sha256(tok).hexdigest(), manifest["cutoff"], embedder.pooling, cfg)
+    if cfg.format == "onnx":
+        return _run_onnx(cfg, loaded, dm, embedder, identity, tok, max_len)
+    return _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len)
+
+
+def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict:
+    import lightning.pytorch as pl
+
+    out = Path(cfg.out)
+    staging = _prepare_out(out, cfg.overwrite)
+    t = cfg.trainer
+    agreement = None
+    model = embedder
+    if cfg.quantize == "int8":
+        if t.accelerator not in ("cpu", "auto") or torch.cuda.is_available() and t.accelerator == "auto":
+            raise ValueError("quantize=int8 is dynamic CPU quantisation: use trainer.accelerator=cpu")
+        model = quantize_int8(embedder)
+        agreement = _agreement(embedder, model, _sample_batches(dm, cfg.agreement_users), cfg.normalize)
+        _check_agreement("quantize=int8", agreement, cfg.min_cosine)
+    schema = embedding_schema(embedder.dim, identity)
+    writer = part_writer(staging, identity, schema, cfg.row_group_size)
+    trainer = pl.Trainer(
+        accelerator="gpu" if t.accelerator == "cuda" else t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=_strategy(t),
+        precision=t.precision,
+        logger=False,
+        callbacks=[writer],
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=str(staging),
+    )
+    rank = trainer.global_rank
+    if rank == 0 and staging.exists():
+        for p in staging.glob("part-*.parquet"):
+            p.unlink()  # parts of an earlier, interrupted run
+    trainer.strategy.barrier("plm-export-clean") if trainer.world_size > 1 else None
+    module = EmbedModule.build(model, cfg.normalize)
+    t0 = time.perf_counter()
+    trainer.predict(module, datamodule=dm, return_predictions=False)
+    wall = time.perf_counter() - t0
+    per_rank = {"rank": rank, "users": writer.rows, "events": writer.events, "seconds": round(writer.seconds, 3)}
+    if trainer.world_size > 1:
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, per_rank)
+    else:
+        gathered = [per_rank]
+    record: dict = {}
+    if rank == 0:
+        record = _finish(cfg, out, staging, manifest, identity, gathered, wall, max_len, agreement, trainer.world_size)
+    if trainer.world_size > 1:
+        trainer.strategy.barrier("plm-export-done")
+    return record or {"out": str(out), "rank": rank}
+
+
+def expected_users(manifest: dict, splits: list[str]) -> int:
+    return sum(int(manifest["splits"].get(s, {}).get("users", 0)) for s in splits)
+
+
+def _finish(cfg, out: Path, staging: Path, manifest: dict, identity: dict, ranks: list[dict], wall: float,
+            max_len: int, agreement: dict | None, world: int) -> dict:
+    parts = sorted(staging.glob("part-*.parquet"))
+    extra = [p for p in parts if int(p.stem.split("-")[1]) >= world]
+    for p in extra:
+        p.unlink()
+    parts = [p for p in parts if p not in extra]
+    ids = pa.concat_arrays([pq.read_table(p, columns=["user_id"]).column("user_id").combine_chunks() for p in parts]) \
+        if parts else pa.array([], pa.string())
+    n = len(ids)
+    n_unique = len(pa.compute.unique(ids)) if n else 0
+    splits = dm_splits(cfg, manifest)
+    want = expected_users(manifest, splits)
+    if n_unique != n or n != want:
+        raise RuntimeError(
+            f"plm-export: the parts in {staging} hold {n} rows for {n_unique} distinct users, expected "
+            f"{want} users (splits {splits} in {cfg.data}/manifest.json), each exactly once; output not published"
+        )
+    users = sum(r["users"] for r in ranks)
+    events = sum(r["events"] for r in ranks)
+    slowest = max([r["seconds"] for r in ranks] + [1e-9])
+    record = {
+        "format": EMBEDDINGS_FORMAT,
+        "identity": identity,
+        "inputs": {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": str(cfg.data),
+                   "manifest_cutoff": manifest["cutoff"], "splits": splits, "max_len": max_len},
+        "config": asdict(cfg),
+        "outputs": {"parts": [{"path": p.name, "rows": pq.ParquetFile(p).metadata.num_rows} for p in parts],
+                    "users": n, "dim": identity["dim"]},
+        "ranks": ranks,
+        "throughput": {"users_per_s": round(users / slowest, 1), "events_per_s": round(events / slowest, 1),
+                       "predict_wall_s": round(wall, 3)},
+        "agreement": {"int8_vs_fp32": agreement} if agreement else {},
+    }
+    if cfg.index != "none":
+        record["index"] = build_faiss_index(staging, parts, cfg.index)
+    (staging / "_export.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    staging.rename(out)
+    return record
+
+
+def dm_splits(cfg: ExportConfig, manifest: dict) -> list[str]:
+    want = [s.strip() for s in cfg.splits.split(",") if s.strip()]
+    return [s for s in want if any(x.get("rows", 1) for x in manifest["splits"].get(s, {}).get("shards", []))]
+
+
+def build_faiss_index(folder: Path, parts: list[Path], kind: str) -> dict:
+    """`folder/_faiss/index.faiss` over L2-normalised embeddings (inner product = cosine) and
+    `folder/_faiss/user_ids.parquet` (row i = FAISS id i)."""
+    import faiss
+
+    t = pa.concat_tables([pq.read_table(p, columns=["user_id", "embedding"]) for p in parts])
+    d = t.schema.field("embedding").type.list_size
+    x = np.ascontiguousarray(t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, d),
+                             dtype=np.float32)
+    faiss.normalize_L2(x)
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+    index.add(x)
+    (folder / "_faiss").mkdir(exist_ok=True)
+    faiss.write_index(index, str(folder / "_faiss" / "index.faiss"))
+    pq.write_table(pa.table({"faiss_id": pa.array(np.arange(len(x)), pa.int64()), "user_id": t.column("user_id")}),
+                   folder / "_faiss" / "user_ids.parquet")
+    return {"kind": kind, "metric": "cosine (inner product of L2-normalised vectors)", "n": int(index.ntotal),
+            "path": "_faiss/index.faiss", "ids": "_faiss/user_ids.parquet"}
+
+
+# ------------------------------------------------------------------------------------- ONNX
+
+
+def _run_onnx(cfg, loaded, dm, embedder, identity, tok: bytes, max_len: int) -> dict:
+    import onnxruntime as ort
+
+    out = Path(cfg.out)
+    staging = _prepare_out(out, cfg.overwrite)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    batches = _sample_batches(dm, cfg.agreement_users)
+    names = onnx_input_names(loaded.vocab_sizes, loaded.numeric_fields)
+    sample = _padded_sample(batches)
+    export_onnx(embedder, sample, names, staging / "model.onnx", cfg.opset)
+    files = {"fp32": "model.onnx"}
+    if cfg.quantize == "int8":
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # as quantize_int8: only the transformer blocks' projections, per-channel weight scales
+        graph = onnx.load(str(staging / "model.onnx")).graph
+        weights = {w.name for w in graph.initializer}
+        nodes = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and "/blocks." in n.name
+                 and any(i in weights for i in n.input)]
+        quantize_dynamic(str(staging / "model.onnx"), str(staging / "model.int8.onnx"), weight_type=QuantType.QInt8,
+                         per_channel=True, nodes_to_quantize=nodes)
+        files["int8"] = "model.int8.onnx"
+    agreement = {}
+    for kind, fname in files.items():
+        sess = ort.InferenceSession(str(staging / fname), providers=["CPUExecutionProvider"])
+        agreement[f"onnx_{kind}_vs_fp32"] = _agreement(embedder, _ort_fn(sess, names), batches, False)
+    for what, agr in agreement.items():
+        _check_agreement(what, agr, cfg.min_cosine)
+    (staging / "tokenizer.json").write_bytes(tok)
+    record = {
+        "format": "plm-onnx/1",
+        "identity": identity,
+        "files": files,
+        "inputs": [{"name": n, "shape": ["batch", "events"],
+                    "dtype": "bool" if n == "attention_mask" else "int64" if n in ("ts", "positions")
+                    else "float32" if n.endswith("_value") else "int32"} for n in names],
+        "output": {"name": "embedding", "shape": ["batch", identity["dim"]], "dtype": "float32"},
+        "max_len": max_len,
+        "normalize": "not applied in the graph; L2-normalise the output if you want cosine = dot",
+        "agreement": agreement,
+        "config": asdict(cfg),
+    }
+    (staging / "onnx.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    staging.rename(out)
+    return record
+
+
+def _padded_sample(batches: list[dict]) -> dict[str, torch.Tensor]:
+    """A small batch with at least one padded position (the traced graph is the masked path)."""
+    b = {k: v[:4] for k, v in batches[0].items() if isinstance(v, torch.Tensor) and v.dim() == 2}
+    if bool(b["attention_mask"].all()):
+        b = {k: torch.cat([v, torch.zeros_like(v[:, :1])], dim=1) for k, v in b.items()}
+    return b
+
+
+def _ort_fn(sess, names: list[str]):
+    wanted = [i.name for i in sess.get_inputs()]
+
+    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        feed = {n: batch[n].numpy() for n in names if n in wanted}
+        return torch.from_numpy(sess.run(None, feed)[0])
+
+    return run

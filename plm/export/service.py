@@ -1,0 +1,127 @@
+"""Embed raw events of a few users without Spark: what a scoring service calls.
+
+    emb = UserEmbedder.from_files("runs/demo/train/final.pt", "runs/demo/prepared")
+    table = emb.embed_raw({"payments": payments, "logins": logins}, cutoff="2024-06-01T00:00:00Z")
+    # -> pa.Table: user_id, embedding fixed_size_list<float32>[d], n_events (sorted by user_id)
+
+The raw tables follow `spec/raw-events.md` (any subset of sources, any extra columns). They go
+through `plm.data.tokenizer.encode_raw`, the pure-Python twin of `plm-prep` (same validation,
+duplicate removal, merge order, features, token ids and windows, with the prepared folder's
+`tokenizer.json` and window settings), then through the same `Embedder` and the same bucketed
+batches as `plm-export`: a user's vector equals the batch export's for the same events and
+cut-off (tested). Invalid rows are dropped here as plm-prep quarantines them; a user with no
+valid event before the cut-off has no row, and `missing_users` says which.
+
+At scale (hundreds of millions of users) run this where the data lives: e.g. a Spark job that
+groups raw events by user and calls `embed_raw` on each Arrow batch of users (`mapInArrow`),
+broadcasting the checkpoint and tokenizer, or `plm-export` under torchrun over prepared shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from plm.data.collate import collate_windows
+from plm.data.tokenizer import Tokenizer, encode_raw
+from plm.export.model import Embedder, LoadedModel, load_checkpoint, quantize_int8
+
+
+class UserEmbedder:
+    """Raw events or prepared windows -> user embeddings with a trained checkpoint (CPU)."""
+
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, max_events: int, stride: int,
+                 ts_min: str = "1990-01-01T00:00:00Z", max_len: int = 0, pooling: str = "model",
+                 normalize: bool = False, quantize: str = "none", max_tokens: int = 32768):
+        from plm.export.run import check_vocab
+
+        check_vocab(loaded, tokenizer.vocab_sizes(), "the given tokenizer")
+        self.loaded = loaded
+        self.tokenizer = tokenizer
+        self.max_events, self.stride, self.ts_min = int(max_events), int(stride), ts_min
+        self.max_len = int(max_len or max_events)
+        self.max_tokens = max(int(max_tokens), self.max_len)
+        self.normalize = normalize
+        self.embedder = Embedder(loaded.model, pooling)
+        if quantize == "int8":
+            self.embedder = quantize_int8(self.embedder)
+        elif quantize != "none":
+            raise ValueError(f"quantize={quantize!r} is not one of none, int8")
+        self.missing_users: list[str] = []
+
+    @classmethod
+    def from_files(cls, ckpt: str, data: str, **kw) -> UserEmbedder:
+        """`ckpt`: final.pt (or run folder); `data`: the prepared folder the model was trained on
+        (its tokenizer.json and window settings are used). `kw`: max_len (0 = training length),
+        pooling, normalize, quantize, max_tokens."""
+        from plm.data.datamodule import read_manifest
+        from plm.export.run import tokenizer_bytes, training_max_len
+
+        loaded = load_checkpoint(ckpt)
+        manifest = read_manifest(data)
+        tok = Tokenizer.from_dict(__import__("json").loads(tokenizer_bytes(data)))
+        c = manifest["config"]
+        kw.setdefault("max_len", 0)
+        if not kw["max_len"]:
+            kw["max_len"] = training_max_len(loaded, manifest)
+        obj = cls(loaded, tok, c["max_events"], c["stride"], ts_min=manifest.get("ts_window", {}).get("min", c["ts_min"]),
+                  **kw)
+        obj.tokenizer_sha256 = hashlib.sha256(tokenizer_bytes(data)).hexdigest()
+        return obj
+
+    @property
+    def dim(self) -> int:
+        return int(self.loaded.model.cfg.d_model)
+
+    def embed_raw(self, tables: dict[str, pa.Table | None], cutoff: str | None = None) -> pa.Table:
+        """Raw contract tables (payments/logins/orders, any subset) -> one row per user with at
+        least one valid event before `cutoff` (None: all events), sorted by user_id."""
+        users = set()
+        for t in tables.values():
+            if t is not None and "user_id" in t.column_names:
+                users.update(u for u in pc.unique(t.column("user_id")).to_pylist() if u is not None)
+        try:
+            windows = encode_raw(tables, self.tokenizer, cutoff=cutoff, ts_min=self.ts_min,
+                                 ts_max=cutoff or "2100-01-01T00:00:00Z", max_events=self.max_events, stride=self.stride)
+        except ValueError as e:
+            if "no valid events" not in str(e):
+                raise
+            windows = None
+        out = self.embed_windows(windows) if windows is not None else self._empty()
+        self.missing_users = sorted(users - set(out.column("user_id").to_pylist()))
+        return out
+
+    def embed_windows(self, windows: pa.Table) -> pa.Table:
+        """Prepared windows (shard schema) -> embeddings of each user's window 0, sorted by user_id."""
+        w0 = windows.filter(pc.and_(pc.equal(windows.column("window_index"), 0),
+                                    pc.greater(windows.column("n_events"), 0)))
+        if w0.num_rows == 0:
+            return self._empty()
+        uids, embs, lens = [], [], []
+        with torch.no_grad():
+            for batch in collate_windows(w0, self.max_len, mode="bucketed", max_tokens=self.max_tokens):
+                t = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                e = self.embedder(t)
+                if self.normalize:
+                    e = torch.nn.functional.normalize(e, dim=-1)
+                uids += batch["user_id"]
+                embs.append(e.float().numpy())
+                lens.append(batch["lengths"].numpy())
+        emb = np.concatenate(embs)
+        n = np.concatenate(lens).astype(np.int32)
+        order = np.argsort(np.asarray(uids, dtype=object), kind="stable")
+        flat = pa.array(emb[order].reshape(-1), pa.float32())
+        return pa.table({
+            "user_id": pa.array([uids[i] for i in order], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim),
+            "n_events": pa.array(n[order]),
+        })
+
+    def _empty(self) -> pa.Table:
+        return pa.table({"user_id": pa.array([], pa.string()),
+                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), self.dim),
+                         "n_events": pa.array([], pa.int32())})
