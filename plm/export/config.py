@@ -7,22 +7,11 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from plm.train.config import TrainerConfig
+
 FORMATS = ("parquet", "onnx")
 QUANTIZE = ("none", "int8")
 INDEXES = ("none", "flat", "hnsw")
-
-
-@dataclass
-class ExportTrainerConfig:
-    """Lightning's predict loop: one process, or DDP over devices x nodes (each rank writes one part)."""
-
-    accelerator: str = "cpu"  # cpu | gpu | auto
-    devices: int = 1  # per node (under torchrun/SLURM: the processes per node)
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp
-    precision: str = "32-true"  # 32-true | bf16-mixed (GPU) | 16-mixed (GPU)
-    process_group_backend: str = ""  # "" = default (nccl on GPU, gloo on CPU)
-    num_threads: int = 0  # torch intra-op CPU threads per process (0 = torch's default)
 
 
 @dataclass
@@ -47,7 +36,10 @@ class ExportConfig:
     agreement_users: int = 512  # users (first batches) compared with the fp32 model
     opset: int = 17  # ONNX opset
     progress: bool = True  # progress bar
-    trainer: ExportTrainerConfig = field(default_factory=ExportTrainerConfig)
+    # The hardware keys of plm-train's trainer group (trainer=cpu|gpu|ddp|...): accelerator, devices,
+    # num_nodes, strategy (auto | ddp), precision, process_group_backend, num_threads,
+    # enable_progress_bar. Its training keys (max_steps, checkpoints, ...) have no role in export.
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)

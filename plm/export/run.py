@@ -131,12 +131,14 @@ def check_config(cfg: ExportConfig) -> None:
         raise ValueError(f"min_cosine={cfg.min_cosine} must be in (0, 1]")
     t = cfg.trainer
     if t.strategy not in ("auto", "ddp"):
-        raise ValueError(f"trainer.strategy={t.strategy!r} is not one of auto, ddp")
+        raise ValueError(f"trainer.strategy={t.strategy!r}: export runs Lightning's predict loop with "
+                         "strategy auto (one process) or ddp (one Parquet part per rank); a model trained with "
+                         "fsdp2 exports with ddp (final.pt holds the full weights)")
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise SystemExit(f"plm-export: trainer.accelerator={t.accelerator} but no CUDA device is visible; "
-                         "use trainer.accelerator=cpu")
-    if t.accelerator == "cpu" and t.precision != "32-true":
-        raise ValueError(f"trainer.precision={t.precision} needs a GPU; use 32-true on CPU")
+                         "use trainer.accelerator=cpu trainer.precision=32-true")
+    if t.accelerator == "cpu" and t.precision not in ("32-true", "32"):
+        raise ValueError(f"trainer.precision={t.precision} is for GPUs; use trainer.precision=32-true on CPU")
     if cfg.index != "none":
         try:
             import faiss  # noqa: F401
@@ -371,7 +373,7 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
         precision=t.precision,
         logger=False,
         callbacks=[writer],
-        enable_progress_bar=cfg.progress,
+        enable_progress_bar=cfg.progress and t.enable_progress_bar,
         enable_model_summary=False,
         use_distributed_sampler=False,
         default_root_dir=str(staging),
