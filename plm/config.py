@@ -69,3 +69,4 @@ cs.store(name="synth_schema", node=SynthConfig)
 cs.store(name="prep_schema", node=PrepConfig)
 import plm.train.config  # noqa: F401,E402
 import plm.export.config  # noqa: F401,E402
+import plm.eval.config  # noqa: F401,E402

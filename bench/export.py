@@ -1,0 +1,159 @@
+"""Export benchmark: users/s and events/s of the eager fp32 encoder against dynamic int8 (torch)
+and ONNX Runtime (fp32 and int8), on the same batches of real prepared users, in one process.
+
+    .venv/bin/python bench/export.py --data runs/demo/pipeline/prepared --ckpt runs/demo/pipeline/train/final.pt
+    make bench-export            # the same on the `make demo` outputs
+
+Models: the given checkpoint, plus (`--sizes`, default `small`) untrained encoders of the named
+sizes built on the same tokenizer, because int8 pays off with width: the demo's `tiny` model
+(d=64) spends most of its time outside matrix products. Every variant embeds the same batches
+(the predict loader's bucketed batches of the first `--users` users, `--max-len` events each)
+after one warm-up pass; the time is the best of `--repeats` passes. Agreement is the cosine
+similarity between each variant's and the fp32 model's vector for every user (min and mean).
+
+Prints a table and, per comparison, one JSON line
+`{"bench": "export_int8[_<size>]", "ours": <int8 users/s>, "reference": <fp32 users/s>,
+"unit": "users/s", "ratio": ours/reference, "target": 1.5}` (likewise `export_onnx` with target
+1.0 and `export_onnx_int8` with target 1.5; higher is better, target = least acceptable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from plm.data.datamodule import PLMDataModule
+from plm.export.model import (
+    Embedder,
+    cosine_agreement,
+    export_onnx,
+    load_checkpoint,
+    onnx_input_names,
+    quantize_int8,
+)
+from plm.model import PLMEncoder, load_model_config
+
+
+def batches_of(data: str, users: int, max_len: int, max_tokens: int) -> list[dict]:
+    dm = PLMDataModule(data, max_len=max_len, batch_mode="bucketed", max_tokens=max_tokens, predict_splits="train,val,test")
+    out, n = [], 0
+    for b in dm.predict_dataloader():
+        out.append({k: v for k, v in b.items() if isinstance(v, torch.Tensor) and v.dim() == 2})
+        n += b["ts"].shape[0]
+        if n >= users:
+            break
+    return out
+
+
+def timed(fn, batches: list[dict], repeats: int) -> tuple[float, torch.Tensor]:
+    with torch.no_grad():
+        outs = [fn(b) for b in batches]  # warm-up (and the vectors)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for b in batches:
+                fn(b)
+            best = min(best, time.perf_counter() - t0)
+    return best, torch.cat([torch.as_tensor(o) for o in outs])
+
+
+def ort_fn(path: Path, names: list[str], threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in sess.get_inputs()}
+
+    def run(b: dict) -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, {n: b[n].numpy() for n in names if n in wanted})[0])
+
+    return run
+
+
+def bench_model(tag: str, model, vocab: dict, numeric: list[str], batches: list[dict], repeats: int,
+                threads: int, tmp: Path) -> list[dict]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    emb = Embedder(model, "model").eval()
+    users = sum(b["ts"].shape[0] for b in batches)
+    events = int(sum(b["attention_mask"].sum() for b in batches))
+    rows = {}
+    t32, e32 = timed(emb, batches, repeats)
+    rows["eager fp32"] = (t32, None)
+    q = quantize_int8(emb)
+    t8, e8 = timed(q, batches, repeats)
+    rows["eager int8"] = (t8, cosine_agreement(e32, e8))
+    names = onnx_input_names(vocab, numeric)
+    sample = next(b for b in batches if not bool(b["attention_mask"].all()))
+    path = tmp / f"{tag}.onnx"
+    export_onnx(emb, {k: v[:4] for k, v in sample.items()}, names, path)
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    weights = {w.name for w in graph.initializer}
+    nodes = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and "/blocks." in n.name
+             and any(i in weights for i in n.input)]
+    quantize_dynamic(str(path), str(tmp / f"{tag}.int8.onnx"), weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_quantize=nodes)
+    to, eo = timed(ort_fn(path, names, threads), batches, repeats)
+    rows["onnxruntime fp32"] = (to, cosine_agreement(e32, eo))
+    to8, eo8 = timed(ort_fn(tmp / f"{tag}.int8.onnx", names, threads), batches, repeats)
+    rows["onnxruntime int8"] = (to8, cosine_agreement(e32, eo8))
+    print(f"\n== {tag}: d_model={model.cfg.d_model}, layers={model.cfg.n_layers}, {users} users, {events} events")
+    print(f"{'variant':<18} {'users/s':>10} {'events/s':>11} {'vs fp32':>8} {'cos min':>9} {'cos mean':>9}")
+    for k, (t, agr) in rows.items():
+        c = f"{agr['cosine_min']:>9.5f} {agr['cosine_mean']:>9.5f}" if agr else f"{'-':>9} {'-':>9}"
+        print(f"{k:<18} {users / t:>10.1f} {events / t:>11.0f} {t32 / t:>7.2f}x {c}")
+    sfx = "" if tag == "checkpoint" else f"_{tag}"
+    lines = [
+        ("export_int8" + sfx, users / t8, 1.5, rows["eager int8"][1]),
+        ("export_onnx" + sfx, users / to, 1.0, rows["onnxruntime fp32"][1]),
+        ("export_onnx_int8" + sfx, users / to8, 1.5, rows["onnxruntime int8"][1]),
+    ]
+    return [{"bench": name, "ours": round(ours, 1), "reference": round(users / t32, 1), "unit": "users/s",
+             "ratio": round(ours / (users / t32), 3), "target": target, "cosine_min": round(agr["cosine_min"], 5)}
+            for name, ours, target, agr in lines]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="runs/demo/pipeline/prepared", help="prepared folder (plm-prep)")
+    ap.add_argument("--ckpt", default="runs/demo/pipeline/train/final.pt", help="final.pt of plm-train ('' = none)")
+    ap.add_argument("--sizes", default="small", help="comma-separated untrained model sizes to add ('' = none)")
+    ap.add_argument("--users", type=int, default=1024)
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    a = ap.parse_args(argv)
+    if not (Path(a.data) / "manifest.json").exists():
+        raise SystemExit(f"bench/export.py: {a.data} is not a prepared folder; run `make demo` first or pass --data")
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    batches = batches_of(a.data, a.users, a.max_len, a.max_tokens)
+    dm = PLMDataModule(a.data)
+    vocab, numeric = dm.vocab_sizes, list(dm.numeric_fields)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.ckpt:
+            loaded = load_checkpoint(a.ckpt)
+            results += bench_model("checkpoint", loaded.model, loaded.vocab_sizes, loaded.numeric_fields, batches,
+                                   a.repeats, a.threads, Path(tmp))
+        for size in [s for s in a.sizes.split(",") if s]:
+            model = PLMEncoder(load_model_config(size), vocab, numeric).eval()
+            results += bench_model(size, model, vocab, numeric, batches, a.repeats, a.threads, Path(tmp))
+    print()
+    for r in results:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""`run_pipeline(cfg)`: raw tables -> prepared sequences -> pre-trained model -> embeddings -> report.
+
+    OUT/prepared/     plm-prep   (manifest.json, tokenizer.json, train/ val/ test/, quarantine/)
+    OUT/train/        plm-train  (config.yaml, checkpoints/, final.pt, csv/metrics.csv, curves.png)
+    OUT/embeddings/   plm-export (part-*.parquet, _export.json)
+    OUT/report/       plm-eval   (report.md, report.json, PNGs), when RAW/labels.parquet exists
+    OUT/pipeline.json what each stage consumed and produced, with timings
+
+Each stage is the same function its CLI calls, with the same config: the pipeline only fills in
+the folders. Pre-training composes `conf/train.yaml` with `experiment=<preset>` plus
+`train_overrides` (hydra syntax), exactly like `plm-train`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from plm.config import PrepConfig
+from plm.eval.config import EvalConfig
+from plm.export.config import ExportConfig
+
+STAGES = ("prep", "train", "export", "eval")
+
+
+@dataclass
+class PipelineConfig:
+    """`plm-pipeline raw=DIR out=DIR [preset=cpu-small] [train_overrides=[...]] [prep.*=] [export.*=] [eval.*=]`."""
+
+    raw: str = MISSING  # raw folder per spec/raw-events.md (labels.parquet optional)
+    out: str = MISSING  # output folder (stages write sub-folders, see the module docstring)
+    overwrite: bool = False  # replace an existing OUT
+    preset: str = "cpu-small"  # conf/experiment/<preset>.yaml: model size, objective, steps
+    train_overrides: list[str] = field(default_factory=list)  # extra plm-train overrides, e.g. [trainer.max_steps=50]
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # run these (in order); others must exist
+    prep: PrepConfig = field(default_factory=PrepConfig)  # raw/out are filled in (${raw}, ${out}/prepared)
+    export: ExportConfig = field(default_factory=ExportConfig)  # ckpt/data/out filled in
+    eval: EvalConfig = field(default_factory=EvalConfig)  # embeddings/labels/raw/out filled in
+
+
+ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+
+
+def compose_train(prepared: str, run_dir: str, preset: str, overrides: list[str]):
+    """The `plm-train` config for this pipeline (hydra compose API, same conf/ folder)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from plm.cli.app import conf_dir
+
+    over = [f"data.path={prepared}", f"run_dir={run_dir}", f"experiment={preset}", *overrides]
+    if GlobalHydra.instance().is_initialized():  # inside the plm-pipeline hydra app
+        from hydra import compose as _compose
+
+        cfg = _compose("train", overrides=over)
+    else:
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            cfg = compose("train", overrides=over)
+    t = OmegaConf.to_object(cfg)
+    if not t.name:
+        t.name = ",".join([preset, *overrides])[:128]
+    return t
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    bad = [s for s in cfg.stages if s not in STAGES]
+    if bad:
+        raise ValueError(f"stages has unknown names {bad}; known: {list(STAGES)}")
+    raw, out = Path(cfg.raw), Path(cfg.out)
+    if not raw.is_dir():
+        raise FileNotFoundError(f"raw folder {raw} does not exist")
+    if out.exists() and cfg.stages[0] == "prep" and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=true to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"prepared": out / "prepared", "train": out / "train", "embeddings": out / "embeddings",
+             "report": out / "report"}
+    record: dict = {"raw": str(raw.resolve()), "out": str(out.resolve()), "preset": cfg.preset,
+                    "train_overrides": list(cfg.train_overrides), "stages": {}}
+    labels = raw / "labels.parquet"
+
+    def stage(name: str, fn) -> None:
+        if name not in cfg.stages:
+            return
+        print(f"[plm-pipeline] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        info = fn()
+        secs = round(time.perf_counter() - t0, 1)
+        record["stages"][name] = {"seconds": secs, **info}
+        print(f"[plm-pipeline] {name} done in {secs:.0f} s", flush=True)
+        (out / "pipeline.json").write_text(json.dumps(record, indent=2, default=str))
+
+    def prep() -> dict:
+        from dataclasses import replace
+
+        from data_prep.prep import run_prep
+
+        m = run_prep(replace(cfg.prep, raw=str(raw), out=str(paths["prepared"]), overwrite=True))
+        return {"out": str(paths["prepared"]), "cutoff": m["cutoff"],
+                "users": {s: v.get("users", 0) for s, v in m["splits"].items()}}
+
+    def train() -> dict:
+        from plm.train.run import train as run_train
+
+        tcfg = compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))
+        res = run_train(tcfg)
+        return {"out": str(paths["train"]), "final": res["final"], "global_step": res["global_step"],
+                "metrics": {k: v for k, v in res["metrics"].items() if k.startswith(("val/", "train/loss"))}}
+
+    def export() -> dict:
+        from dataclasses import replace
+
+        from plm.export.run import run_export
+
+        ecfg = replace(cfg.export, ckpt=str(paths["train"] / "final.pt"), data=str(paths["prepared"]),
+                       out=str(paths["embeddings"]), overwrite=True)
+        rec = run_export(ecfg)
+        return {"out": str(paths["embeddings"]), "users": rec["outputs"]["users"], "throughput": rec["throughput"]}
+
+    def evaluate() -> dict:
+        from dataclasses import replace
+
+        from plm.eval.run import run_eval
+
+        if not labels.exists():
+            print(f"[plm-pipeline] eval skipped: {labels} does not exist (no labels to evaluate)", flush=True)
+            return {"skipped": f"{labels} does not exist"}
+        ecfg = replace(cfg.eval, embeddings=str(paths["embeddings"]), labels=str(labels), raw=str(raw),
+                       out=str(paths["report"]), overwrite=True)
+        run_eval(ecfg)
+        return {"out": str(paths["report"]), "report": str(paths["report"] / "report.md")}
+
+    t_all = time.perf_counter()
+    stage("prep", prep)
+    stage("train", train)
+    stage("export", export)
+    stage("eval", evaluate)
+    record["seconds"] = round(time.perf_counter() - t_all, 1)
+    record["config"] = asdict(cfg)
+    (out / "pipeline.json").write_text(json.dumps(record, indent=2, default=str))
+    return record
