@@ -1,0 +1,30 @@
+"""`plm-eval embeddings=PATH raw=DIR out=DIR [labels=PATH] [cutoff=ISO] [key=value ...]`.
+
+Frozen-probe evaluation of exported user embeddings against a hand-built aggregate baseline
+(see `plm.eval.run.run_eval` and docs/evaluation.md). Writes `out/report.md`,
+`out/report.json` and `out/figures/*.png`; prints a summary table.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import plm.eval.config  # noqa: F401  (registers eval_schema before hydra composes)
+from plm.cli.app import hydra_app
+from plm.data.schema import ContractError
+from plm.eval.config import EvalConfig
+
+
+@hydra_app("eval")
+def main(cfg: EvalConfig) -> None:
+    from plm.eval.run import run_eval
+
+    try:
+        run_eval(cfg)
+    except (ContractError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"plm-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

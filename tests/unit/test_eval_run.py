@@ -1,0 +1,157 @@
+"""plm.eval.run.run_eval on a tiny synthetic world: join accounting, determinism, extra
+sections, skipped tasks and the error messages on bad inputs."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep.synth import SynthConfig, generate_world, write_world
+from plm.eval.config import EvalConfig, LGBMConfig
+from plm.eval.report import render_section
+from plm.eval.run import EvalInputError, run_eval
+
+
+def fake_embeddings(labels: pa.Table, path, d=8, seed=0, drop=0, as_of="2024-03-01T00:00:00", **extra_cols):
+    """Random embeddings with a noisy copy of `churn` in dimension 0 (first `drop` users left out)."""
+    rng = np.random.default_rng(seed)
+    labels = labels.slice(drop)
+    n = labels.num_rows
+    E = rng.normal(size=(n, d)).astype(np.float32)
+    E[:, 0] += 2.0 * np.asarray(labels.column("churn"), dtype=np.float32)
+    cols = {
+        "user_id": labels.column("user_id"),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(E.ravel()), d),
+        "model": pa.array(["enc-tiny"] * n),
+        "as_of": pa.array(np.full(n, np.datetime64(as_of, "us"))).cast(pa.timestamp("us", tz="UTC")),
+        **{k: pa.array(v) for k, v in extra_cols.items()},
+    }
+    t = pa.table(cols).replace_schema_metadata({"checkpoint": "step-7"})
+    pq.write_table(t, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalworld")
+    cfg = SynthConfig(out=str(root / "raw"), users=120, seed=3, days=60, churn_rate=0.3, dirty_fraction=0.02)
+    w = generate_world(cfg)
+    write_world(w, root / "raw")
+    fake_embeddings(w["labels"], root / "emb.parquet", drop=5, as_of="2024-03-01T00:00:00")
+    return root, w
+
+
+def cfg_for(root, out, **kw):
+    kw.setdefault("lgbm", LGBMConfig(n_estimators=15, num_leaves=7, min_child_samples=5))
+    kw.setdefault("bootstrap", 50)
+    kw.setdefault("folds", 3)
+    kw.setdefault("plots", False)
+    kw.setdefault("progress", False)
+    kw.setdefault("embeddings", str(root / "emb.parquet"))
+    return EvalConfig(raw=str(root / "raw"), out=str(out), **kw)
+
+
+def test_report_counts_join_and_identity(world, tmp_path):
+    root, _ = world
+    extra = {"next-event (decoder)": {"mcc": {"accuracy": 0.41, "top5": 0.77}, "dt": {"mae_log_s": 1.2}, "steps": 150}}
+    rep = run_eval(cfg_for(root, tmp_path / "r", tasks=["churn", "segment"]), extra_sections=extra)
+    u = rep["users"]
+    assert (u["embedded"], u["labelled"], u["evaluated"]) == (115, 120, 115)
+    assert u["labelled_without_embeddings"] == 5 and u["embedded_without_labels"] == 0
+    assert any("5 labelled users have no embedding" in w for w in rep["warnings"])
+    assert rep["embeddings"]["identity"] == {"model": "enc-tiny", "schema.checkpoint": "step-7"}
+    assert rep["cutoff"]["min"] == "2024-03-01T00:00:00Z"
+    assert list(rep["tasks"]) == ["churn", "segment"]
+    churn = rep["tasks"]["churn"]
+    assert set(churn["results"]) == {"embedding_linear", "embedding_lgbm", "aggregates_lgbm", "combined_lgbm"}
+    assert churn["results"]["embedding_linear"]["roc_auc"]["value"] > 0.75  # the planted copy
+    assert set(churn["deltas_vs_aggregates"]) == {"embedding_linear", "embedding_lgbm", "combined_lgbm"}
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## next-event (decoder)" in md
+    assert "| mcc | 0.410 | 0.770 | – |" in md and "| steps | 150 |" in md
+    js = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert js["extra_sections"] == extra
+    assert js["baseline"]["accounting"]["payments"]["duplicate_rows"] > 0
+
+
+def test_same_inputs_identical_report_json(world, tmp_path):
+    root, _ = world
+    a = run_eval(cfg_for(root, tmp_path / "a", tasks=["churn", "future_spend"]))
+    b = run_eval(cfg_for(root, tmp_path / "b", tasks=["churn", "future_spend"]))
+    assert (tmp_path / "a" / "report.json").read_bytes() == (tmp_path / "b" / "report.json").read_bytes()
+    c = run_eval(cfg_for(root, tmp_path / "c", tasks=["churn", "future_spend"], seed=1))
+    assert a == b and c["tasks"] != a["tasks"]
+
+
+def test_task_with_too_few_users_is_skipped_with_a_warning(tmp_path, world):
+    root, w = world
+    lab = w["labels"]
+    sparse = np.full(lab.num_rows, np.nan)
+    sparse[10:14] = [0, 1, 0, 1]
+    labels = lab.select(["user_id", "churn"]).append_column("rare", pa.array(sparse))
+    pq.write_table(labels, tmp_path / "labels.parquet")
+    rep = run_eval(cfg_for(root, tmp_path / "r", labels=str(tmp_path / "labels.parquet"), feature_sets=["embedding_linear"]))
+    rare = rep["tasks"]["rare"]
+    assert rare["status"] == "skipped" and "fewer than folds x 2" in rare["reason"]
+    assert rare["n_null_skipped"] == 111  # 115 evaluated users, 4 labelled
+    assert rep["tasks"]["churn"]["status"] == "ok"
+    assert any("`rare` skipped" in x for x in rep["warnings"])
+    assert "**Skipped**" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_extra_section_rendering():
+    md = render_section("dec", {"loss": 1.5, "name": "gpt", "fields": {"mcc": {"acc": 0.5, "top": {"k5": 0.9}}, "amount": {"acc": 0.25}}})
+    assert "| loss | 1.500 |" in md and "| name | gpt |" in md
+    assert "### dec / fields" in md and "|  | acc | top.k5 |" in md
+    assert "| mcc | 0.500 | 0.900 |" in md and "| amount | 0.250 | – |" in md
+
+
+def _labels(tmp_path, **cols):
+    path = tmp_path / "lab.parquet"
+    pq.write_table(pa.table(cols), path)
+    return str(path)
+
+
+def test_errors_name_the_file_and_column(world, tmp_path):
+    root, w = world
+    lab = w["labels"]
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        run_eval(EvalConfig(embeddings=str(tmp_path / "nope.parquet"), raw=str(root / "raw"), out=str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError, match="labels=.*missing.parquet"):
+        run_eval(cfg_for(root, tmp_path / "o", labels=str(tmp_path / "missing.parquet")))
+
+    no_uid = tmp_path / "no_uid.parquet"
+    pq.write_table(pa.table({"uid": ["a"], "embedding": [[1.0, 2.0]]}), no_uid)
+    with pytest.raises(EvalInputError, match=r"no_uid.parquet: no 'user_id' column"):
+        run_eval(cfg_for(root, tmp_path / "o", embeddings=str(no_uid)))
+
+    no_emb = tmp_path / "no_emb.parquet"
+    pq.write_table(pa.table({"user_id": ["a"], "vec": [[1.0, 2.0]]}), no_emb)
+    with pytest.raises(EvalInputError, match=r"no_emb.parquet: no 'embedding' column"):
+        run_eval(cfg_for(root, tmp_path / "o", embeddings=str(no_emb)))
+
+    dup = tmp_path / "dup.parquet"
+    pq.write_table(pa.table({"user_id": ["a", "b", "a"], "embedding": [[1.0], [2.0], [3.0]]}), dup)
+    with pytest.raises(EvalInputError, match=r"dup.parquet: 1 duplicate user_id .*e.g. a"):
+        run_eval(cfg_for(root, tmp_path / "o", embeddings=str(dup)))
+
+    ragged = tmp_path / "ragged.parquet"
+    pq.write_table(pa.table({"user_id": ["a", "b"], "embedding": [[1.0, 2.0], [3.0]]}), ragged)
+    with pytest.raises(EvalInputError, match="different lengths"):
+        run_eval(cfg_for(root, tmp_path / "o", embeddings=str(ragged)))
+
+    null_col = _labels(tmp_path, user_id=lab.column("user_id"), churn=lab.column("churn"),
+                       empty=pa.nulls(lab.num_rows, pa.float64()))
+    with pytest.raises(EvalInputError, match=r"lab.parquet: label column 'empty' is entirely null"):
+        run_eval(cfg_for(root, tmp_path / "o", labels=null_col))
+    with pytest.raises(EvalInputError, match=r"no column \['nope'\]"):
+        run_eval(cfg_for(root, tmp_path / "o", tasks=["nope"]))
+    with pytest.raises(ValueError, match="folds=1"):
+        run_eval(cfg_for(root, tmp_path / "o", folds=1))
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        run_eval(cfg_for(root, tmp_path / "busy"))
