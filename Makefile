@@ -7,11 +7,11 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 DEMO_USERS ?= 3000
-DEMO_STEPS ?= 150
+DEMO_ARGS ?=
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install demo test test-fast lint bench-prep bench-model clean
+.PHONY: install demo test test-fast lint bench-prep bench-model bench-export clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,11 +23,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/plm-synth out=$(DEMO_DIR)/raw users=$(DEMO_USERS) seed=0 overwrite=true
-	$(VENV)/bin/plm-prep raw=$(DEMO_DIR)/raw out=$(DEMO_DIR)/prepared overwrite=true
-	$(VENV)/bin/plm-train data.path=$(DEMO_DIR)/prepared experiment=masked_tiny trainer=cpu \
-		trainer.max_steps=$(DEMO_STEPS) hydra.run.dir=$(DEMO_DIR)/train
-	@echo "demo: prepared sequences in $(DEMO_DIR)/prepared (manifest.json);" \
-		"pre-trained model, metrics and curves.png in $(DEMO_DIR)/train"
+	$(VENV)/bin/plm-pipeline raw=$(DEMO_DIR)/raw out=$(DEMO_DIR)/pipeline overwrite=true $(DEMO_ARGS)
+	@echo "demo: report in $(DEMO_DIR)/pipeline/report/report.md;" \
+		"embeddings in $(DEMO_DIR)/pipeline/embeddings; model in $(DEMO_DIR)/pipeline/train"
 
 test: install
 	$(PY) -m pytest
@@ -41,6 +39,9 @@ lint: install
 bench-model: install
 	$(VENV)/bin/pip install -q -e ".[bench]"
 	$(PY) bench/model.py
+
+bench-export: install
+	$(PY) bench/export.py --data $(DEMO_DIR)/pipeline/prepared --ckpt $(DEMO_DIR)/pipeline/train/final.pt
 
 bench-prep: install
 	$(PY) bench/prep.py

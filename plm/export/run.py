@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -168,8 +169,10 @@ def check_vocab(loaded: LoadedModel, vocab_sizes: dict[str, int], where: str) ->
 def training_max_len(loaded: LoadedModel, manifest: dict) -> int:
     """The sequence length the checkpoint was trained/evaluated with (final.pt records it), else
     the prepared windows' max_events."""
-    ck = torch.load(loaded.path, map_location="cpu", weights_only=True) if loaded.path.endswith(".pt") else {}
-    n = int(ck.get("max_len", 0) or 0) if isinstance(ck, dict) else 0
+    ck = torch.load(loaded.path, map_location="cpu", weights_only=True)
+    n = int(ck.get("max_len", 0) or 0)  # final.pt
+    dm = ck.get("datamodule_hyper_parameters") or {}  # Lightning checkpoint of plm-train
+    n = n or int(dm.get("eval_max_len", 0) or dm.get("max_len", 0) or 0)
     return n or int(manifest["config"]["max_events"])
 
 
@@ -385,7 +388,10 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
     trainer.strategy.barrier("plm-export-clean") if trainer.world_size > 1 else None
     module = EmbedModule.build(model, cfg.normalize)
     t0 = time.perf_counter()
-    trainer.predict(module, datamodule=dm, return_predictions=False)
+    with warnings.catch_warnings():  # PLMDataLoader shards by rank itself; there is no sampler to read
+        warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
+        trainer.predict(module, datamodule=dm, return_predictions=False)
     wall = time.perf_counter() - t0
     per_rank = {"rank": rank, "users": writer.rows, "events": writer.events, "seconds": round(writer.seconds, 3)}
     if trainer.world_size > 1:
