@@ -59,6 +59,7 @@ class EvalConfig:
     linear_c: float = 1.0  # inverse L2 strength of the logistic-regression probe (standardised inputs)
     ridge_alphas: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])  # RidgeCV grid
     lgbm: LGBMConfig = field(default_factory=LGBMConfig)
+    workers: int = 2  # LightGBM folds trained concurrently (threads, each lgbm.num_threads); same results for any value
     map_method: str = "pca"  # 2-D map of the embeddings: pca | tsne
     map_max_points: int = 3000  # seeded subsample for the map
     plots: bool = True  # write the PNG figures

@@ -150,6 +150,7 @@ def oof_predict(task: Task, X: np.ndarray, folds: np.ndarray, model: str, cfg, d
         import lightgbm as lgb
 
         dataset = dataset if dataset is not None else lgbm_dataset(X, cfg.lgbm)
+        jobs = []  # (test mask, training subset, params): trained concurrently below
     for k in range(int(folds.max()) + 1):
         tr, te = folds != k, folds == k
         if not te.any():
@@ -162,9 +163,7 @@ def oof_predict(task: Task, X: np.ndarray, folds: np.ndarray, model: str, cfg, d
         if model == "lgbm":
             sub = dataset.subset(rows[tr]).construct()
             sub.set_label(ytr.astype(np.float64))
-            params = _lgbm_params(kind, K, cfg.lgbm, cfg.seed + k)
-            booster = lgb.train(params, sub, num_boost_round=cfg.lgbm.n_estimators)
-            out[te] = booster.predict(np.asarray(X[rows[te]], dtype=np.float64))
+            jobs.append((te, sub, _lgbm_params(kind, K, cfg.lgbm, cfg.seed + k)))
             continue
         est = _linear(kind, cfg.linear_c, cfg.ridge_alphas)
         with warnings.catch_warnings():
@@ -181,6 +180,25 @@ def oof_predict(task: Task, X: np.ndarray, folds: np.ndarray, model: str, cfg, d
             full = np.zeros((te.sum(), K))
             full[:, classes] = proba
             out[te] = full
+    if model == "lgbm" and jobs:
+
+        def fit_predict(job):
+            te, sub, params = job
+            booster = lgb.train(params, sub, num_boost_round=cfg.lgbm.n_estimators)
+            return booster.predict(np.asarray(X[rows[te]], dtype=np.float64))
+
+        # Folds are independent single-threaded fits: threads (LightGBM releases the GIL) use
+        # several cores without OpenMP spinning; every fold's result is the same in any order.
+        workers = max(1, min(int(getattr(cfg, "workers", 1)), len(jobs)))
+        if workers == 1:
+            results = [fit_predict(j) for j in jobs]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(fit_predict, jobs))
+        for (te, _, _), pred in zip(jobs, results):
+            out[te] = pred
     return out
 
 

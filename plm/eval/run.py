@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import shutil
 import sys
 import time
@@ -170,25 +171,39 @@ def _as_of_us(table: pa.Table, path: str) -> np.ndarray | None:
         raise EvalInputError(f"embeddings={path}: column 'as_of': {e}") from None
 
 
-def _identity(table: pa.Table, meta: dict) -> dict:
-    """Model/checkpoint/tokenizer identity: constant metadata columns + schema metadata."""
+def _identity(table: pa.Table, meta: dict) -> tuple[dict, list[str]]:
+    """Model/checkpoint/tokenizer identity: the columns holding one value for every row, and
+    the schema metadata (a JSON object value, like plm-export's `plm.embeddings`, is expanded
+    to `schema.<key>.<field>`). Also returns the names of the other (per-user) columns."""
     ident: dict[str, object] = {}
+    per_user: list[str] = []
     for name in table.column_names:
         if name in _RESERVED or name == "as_of":
             continue
         col = table.column(name)
         if pa.types.is_nested(col.type) or table.num_rows == 0:
+            per_user.append(name)
             continue
-        uniq = pc.unique(col.cast(pa.string()) if not pa.types.is_string(col.type) else col)
+        uniq = pc.unique(col)
         if len(uniq) == 1:
-            ident[name] = uniq[0].as_py()
+            v = uniq[0].as_py()
+            ident[name] = v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
         else:
-            ident[name] = f"({len(uniq)} distinct values)"
+            per_user.append(name)
     for k, v in sorted(meta.items()):
         if k.startswith("ARROW:") or k == "pandas":
             continue
-        ident[f"schema.{k}"] = v if len(v) <= 300 else v[:297] + "..."
-    return ident
+        try:
+            obj = json.loads(v)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            for kk, vv in sorted(obj.items()):
+                s = vv if isinstance(vv, str) else json.dumps(vv, sort_keys=True)
+                ident[f"schema.{k}.{kk}"] = s if len(s) <= 300 else s[:297] + "..."
+        else:
+            ident[f"schema.{k}"] = v if len(v) <= 300 else v[:297] + "..."
+    return ident, per_user
 
 
 def _load_labels(path: str) -> tuple[pa.Table, np.ndarray]:
@@ -398,8 +413,6 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
             counts = np.bincount(task.y, minlength=len(task.classes))
             if (counts > 0).sum() < 2:
                 reason = f"only one class present ({entry['class_counts']})"
-            elif counts[counts > 0].min() < 2:
-                reason = f"a class has a single user ({entry['class_counts']}); cannot stratify"
             elif counts[counts > 0].min() < cfg.folds:
                 warnings.append(f"task `{name}`: a class has fewer users than folds ({entry['class_counts']}); some folds lack it")
         if reason is not None:
@@ -449,6 +462,7 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
         figures["embedding_map"] = f
 
     # ---- report
+    identity, per_user_cols = _identity(emb_table, emb_meta)
     config = dataclasses.asdict(cfg)
     config.pop("out")
     config["feature_sets_evaluated"] = feature_sets
@@ -458,7 +472,8 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
             "source": cfg.embeddings,
             "rows": int(len(emb_ids)),
             "dim": int(E_all.shape[1]),
-            "identity": _identity(emb_table, emb_meta),
+            "identity": identity,
+            "per_user_columns": per_user_cols,
         },
         "labels": {"source": labels_path, "rows": int(len(lab_ids)), "columns": all_tasks},
         "users": {

@@ -91,11 +91,13 @@ def test_task_with_too_few_users_is_skipped_with_a_warning(tmp_path, world):
     sparse = np.full(lab.num_rows, np.nan)
     sparse[10:14] = [0, 1, 0, 1]
     labels = lab.select(["user_id", "churn"]).append_column("rare", pa.array(sparse))
+    labels = labels.append_column("mono", pa.array(np.ones(lab.num_rows, np.int64)))
     pq.write_table(labels, tmp_path / "labels.parquet")
     rep = run_eval(cfg_for(root, tmp_path / "r", labels=str(tmp_path / "labels.parquet"), feature_sets=["embedding_linear"]))
     rare = rep["tasks"]["rare"]
     assert rare["status"] == "skipped" and "fewer than folds x 2" in rare["reason"]
     assert rare["n_null_skipped"] == 111  # 115 evaluated users, 4 labelled
+    assert rep["tasks"]["mono"]["status"] == "skipped" and "only one class" in rep["tasks"]["mono"]["reason"]
     assert rep["tasks"]["churn"]["status"] == "ok"
     assert any("`rare` skipped" in x for x in rep["warnings"])
     assert "**Skipped**" in (tmp_path / "r" / "report.md").read_text()
