@@ -200,6 +200,8 @@ def _identity(table: pa.Table, meta: dict) -> tuple[dict, list[str]]:
         if isinstance(obj, dict):
             for kk, vv in sorted(obj.items()):
                 s = vv if isinstance(vv, str) else json.dumps(vv, sort_keys=True)
+                if kk in ident and str(ident[kk]) == s:
+                    continue  # already shown from the column of the same name
                 ident[f"schema.{k}.{kk}"] = s if len(s) <= 300 else s[:297] + "..."
         else:
             ident[f"schema.{k}"] = v if len(v) <= 300 else v[:297] + "..."

@@ -157,3 +157,14 @@ def test_errors_name_the_file_and_column(world, tmp_path):
     (tmp_path / "busy" / "x.txt").write_text("x")
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_eval(cfg_for(root, tmp_path / "busy"))
+
+
+def test_identity_from_columns_and_json_schema_metadata():
+    from plm.eval.run import _identity
+
+    t = pa.table({"user_id": ["a", "b"], "embedding": [[1.0], [2.0]], "n_events": [3, 5], "model": ["enc", "enc"]})
+    meta = {"plm.embeddings": json.dumps({"model": "enc", "checkpoint": "final.pt", "dim": 64}), "note": "x"}
+    ident, per_user = _identity(t, meta)
+    assert ident == {"model": "enc", "schema.plm.embeddings.checkpoint": "final.pt",
+                     "schema.plm.embeddings.dim": "64", "schema.note": "x"}
+    assert per_user == ["n_events"]
