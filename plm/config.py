@@ -67,6 +67,6 @@ class PrepConfig:
 cs = ConfigStore.instance()
 cs.store(name="synth_schema", node=SynthConfig)
 cs.store(name="prep_schema", node=PrepConfig)
-import plm.train.config  # noqa: F401,E402
-import plm.export.config  # noqa: F401,E402
 import plm.eval.config  # noqa: F401,E402
+import plm.export.config  # noqa: F401,E402
+import plm.train.config  # noqa: F401,E402

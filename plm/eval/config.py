@@ -62,6 +62,14 @@ class EvalConfig:
     workers: int = 2  # LightGBM folds trained concurrently (threads, each lgbm.num_threads); same results for any value
     map_method: str = "pca"  # 2-D map of the embeddings: pca | tsne
     map_max_points: int = 3000  # seeded subsample for the map
+    # Decoders: a decoder checkpoint (final.pt) and its prepared folder add next-event metrics on
+    # `next_split` (per-field accuracy / perplexity, time MAE) and generated-vs-real futures.
+    ckpt: str | None = None
+    data: str | None = None  # the prepared folder the decoder was trained on
+    next_split: str = "test"
+    next_max_batches: int = 0  # 0 = every batch of the split
+    generate_users: int = 128  # users whose last `generate_horizon` events are generated
+    generate_horizon: int = 8
     plots: bool = True  # write the PNG figures
     progress: bool = True  # tqdm bar over tasks x feature sets (stderr)
 

@@ -153,3 +153,35 @@ def generated_vs_real(model, batches, horizon: int = 8, n_users: int = 128, seed
     res["median_gap_hours"] = {"generated": float(np.median(np.concatenate(gen_dt))),
                                "real": float(np.median(np.concatenate(real_dt)))}
     return res
+
+
+def decoder_sections(ckpt: str, data: str, split: str = "test", max_batches: int = 0, generate_users: int = 128,
+                     horizon: int = 8, seed: int = 0) -> dict[str, dict]:
+    """The report sections of a decoder checkpoint on a prepared split (for `run_eval`'s
+    `extra_sections`); an encoder checkpoint is an error that says so."""
+    from plm.data.datamodule import PLMDataModule, read_manifest
+    from plm.export.model import load_checkpoint
+    from plm.export.run import check_vocab, training_max_len
+
+    loaded = load_checkpoint(ckpt)
+    if loaded.arch != "decoder":
+        raise ValueError(f"ckpt={ckpt} is an {loaded.arch}: next-event metrics need a decoder (objective=next); "
+                         "evaluate an encoder through its exported embeddings")
+    max_len = training_max_len(loaded, read_manifest(data))
+    dm = PLMDataModule(data, max_len=max_len, batch_mode="bucketed", max_tokens=max(8192, max_len))
+    check_vocab(loaded, dm.vocab_sizes, data)
+    model = loaded.model
+    loader = dm.loader(dm.stream(split, "eval"), resumable=False)
+    nxt = next_event_metrics(model, loader, max_batches=max_batches)
+    gen = generated_vs_real(model, dm.loader(dm.stream(split, "eval"), resumable=False), horizon=horizon,
+                            n_users=generate_users, seed=seed)
+    summary = {"checkpoint": ckpt, "split": split, "max_len": max_len,
+               "mean_accuracy": nxt.get("mean_accuracy"), "mean_perplexity": nxt.get("mean_perplexity")}
+    summary.update({f"time_{k}": v for k, v in nxt.get("time", {}).items()})
+    return {
+        "Next-event prediction (decoder)": summary,
+        "Next-event per field (teacher forcing)": nxt["per_field"],
+        "Generated vs real futures": {"users": gen.get("users", 0), "horizon": horizon,
+                                      **{f"median_gap_hours_{k}": v for k, v in gen.get("median_gap_hours", {}).items()}},
+        "Generated vs real per field (TVD, lower is better)": gen.get("per_field", {}),
+    }

@@ -195,3 +195,35 @@ def test_cli(trained, tmp_path):
     r = subprocess.run([str(exe), f"ckpt={ckpt}", f"data={prep}", f"out={tmp_path / 'cli'}", "pooling=avg"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and "pooling='avg' is not one of" in r.stderr
+
+
+def test_decoder_export_and_next_event_report(trained, tmp_path):
+    """A decoder exports (pooling=model -> last) and plm-eval adds its next-event sections."""
+    prep, _ = trained
+    cfg = compose_cfg("train", [f"data.path={prep}", f"run_dir={tmp_path / 'dec'}", "experiment=next_tiny",
+                                "data.max_len=16", "data.max_tokens=64", "trainer=cpu", "logger=csv",
+                                "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+                                "trainer.val_check_interval=0", "trainer.limit_val_batches=1"])
+    train(cfg)
+    ckpt = tmp_path / "dec" / "final.pt"
+    rec = run_export(export_cfg(prep, ckpt, tmp_path / "emb"))
+    assert rec["identity"]["model"] == "decoder:tiny" and rec["identity"]["pooling"] == "last"
+    users = pq.read_table(tmp_path / "emb", columns=["user_id"]).column("user_id").to_pylist()
+    rng = np.random.default_rng(0)
+    pq.write_table(pa.table({"user_id": users, "flag": rng.integers(0, 2, len(users))}), tmp_path / "labels.parquet")
+    exe = Path(sys.executable).parent / "plm-eval"
+    r = subprocess.run([str(exe), f"embeddings={tmp_path / 'emb'}", f"labels={tmp_path / 'labels.parquet'}",
+                        f"out={tmp_path / 'rep'}", f"ckpt={ckpt}", f"data={prep}", "next_split=val", "folds=2",
+                        "bootstrap=10", "progress=false", "plots=false", "generate_users=3", "generate_horizon=2"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Next-event prediction (decoder)" in md and "Generated vs real" in md and "perplexity" in md
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    per_field = rep["extra_sections"]["Next-event per field (teacher forcing)"]
+    assert 0.0 <= per_field["merchant"]["accuracy"] <= 1.0 and per_field["merchant"]["perplexity"] > 1.0
+    # an encoder checkpoint is refused with a clear message
+    r = subprocess.run([str(exe), f"embeddings={tmp_path / 'emb'}", f"labels={tmp_path / 'labels.parquet'}",
+                        f"out={tmp_path / 'rep2'}", f"ckpt={trained[1]}", f"data={prep}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "next-event metrics need a decoder" in r.stderr
