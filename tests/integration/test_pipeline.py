@@ -26,9 +26,9 @@ def world(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
                        text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([str(exe / "plm-pipeline"), f"raw={root / 'raw'}", f"out={root / 'out'}",
-                        "prep.spark.master=local[2]", "prep.vocab.min_count=2",
-                        "train_overrides=[trainer.max_steps=4,trainer.val_check_interval=0,trainer.limit_val_batches=1,"
-                        "logger=csv,trainer.enable_progress_bar=false]",
+                        "prep.spark.master='local[2]'", "prep.vocab.min_count=2",
+                        "train_overrides=['trainer.max_steps=4','trainer.val_check_interval=0',"
+                        "'trainer.limit_val_batches=1','logger=csv','trainer.enable_progress_bar=false']",
                         "export.progress=false", "eval.bootstrap=20", "eval.folds=3", "eval.progress=false"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=root)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
@@ -54,7 +54,7 @@ def test_report_has_tables_plots_and_numbers(world):
         assert task in md
     for fs in ("embedding_linear", "aggregates_lgbm", "combined_lgbm"):
         assert fs in md
-    pngs = list((out / "report").glob("*.png"))
+    pngs = list((out / "report").glob("**/*.png"))
     assert len(pngs) >= 3 and all(p.stat().st_size > 5000 for p in pngs)
     rep = json.loads((out / "report" / "report.json").read_text())
     assert "churn" in json.dumps(rep)
