@@ -46,9 +46,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from plm.data.config import BATCH_MODES  # noqa: E402,F401
 from plm.data.schema import CATEGORICAL_FIELDS, NUMERIC_FIELDS, value_column
-
-BATCH_MODES = ("packed", "bucketed")
 
 # List columns of a shard, in output order, with the numpy dtype of their values.
 ID_COLUMNS: tuple[str, ...] = tuple(f.name for f in CATEGORICAL_FIELDS) + tuple(f.name for f in NUMERIC_FIELDS)

@@ -74,8 +74,8 @@ from plm.data.collate import (
 )
 
 MODES = ("train", "eval", "predict")
-SUBWINDOWS = ("random", "tail", "random_length")
-EVEN_BATCHES = ("auto", "off", "drop", "pad")
+from plm.data.config import EVEN_BATCHES, SUBWINDOWS  # noqa: E402,F401
+
 READ_COLUMNS = SCALAR_COLUMNS + LIST_COLUMNS
 
 

@@ -5,21 +5,27 @@ ONNX / int8 models, FAISS index, and the Spark-free `UserEmbedder` for raw event
 - `UserEmbedder.from_files(ckpt, prepared_dir)`: raw events of a few users -> embeddings,
   identical to the batch path (`plm.export.service`).
 - building blocks: `load_checkpoint`, `Embedder`, `quantize_int8`, `export_onnx` (`plm.export.model`).
+
+Attributes are imported on first use, so `plm.export.config` (read by every CLI) stays light.
 """
 
-from plm.export.config import ExportConfig
-from plm.export.model import Embedder, LoadedModel, load_checkpoint, quantize_int8
-from plm.export.run import embedding_schema, read_identity, run_export
-from plm.export.service import UserEmbedder
+from importlib import import_module
 
-__all__ = [
-    "Embedder",
-    "ExportConfig",
-    "LoadedModel",
-    "UserEmbedder",
-    "embedding_schema",
-    "load_checkpoint",
-    "quantize_int8",
-    "read_identity",
-    "run_export",
-]
+_WHERE = {
+    "ExportConfig": "plm.export.config",
+    "Embedder": "plm.export.model",
+    "LoadedModel": "plm.export.model",
+    "load_checkpoint": "plm.export.model",
+    "quantize_int8": "plm.export.model",
+    "embedding_schema": "plm.export.run",
+    "read_identity": "plm.export.run",
+    "run_export": "plm.export.run",
+    "UserEmbedder": "plm.export.service",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'plm.export' has no attribute {name!r}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from plm.data.datamodule import DataConfig
+from plm.data.config import DataConfig
 from plm.model.config import ModelConfig
 
 
