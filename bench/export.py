@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     a = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
     if not (Path(a.data) / "manifest.json").exists():
         raise SystemExit(f"bench/export.py: {a.data} is not a prepared folder; run `make demo` first or pass --data")
     torch.set_num_threads(a.threads)
