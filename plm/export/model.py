@@ -191,7 +191,11 @@ def export_onnx(embedder: Embedder, sample: dict[str, Tensor], names: list[str],
     wrapped = OnnxEmbedder(embedder, names).eval()
     args = tuple(sample[n] for n in names)
     dyn = {n: {0: "batch", 1: "events"} for n in names}
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # the traced branches (padding present, fixed head counts) are valid for every batch
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(wrapped, args, str(path), input_names=names, output_names=["embedding"],
                           dynamic_axes={**dyn, "embedding": {0: "batch"}}, opset_version=opset, dynamo=False)
 
