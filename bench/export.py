@@ -36,6 +36,7 @@ from plm.export.model import (
     load_checkpoint,
     onnx_input_names,
     quantize_int8,
+    quantize_onnx_int8,
 )
 from plm.model import PLMEncoder, load_model_config
 
@@ -80,8 +81,6 @@ def ort_fn(path: Path, names: list[str], threads: int):
 
 def bench_model(tag: str, model, vocab: dict, numeric: list[str], batches: list[dict], repeats: int,
                 threads: int, tmp: Path) -> list[dict]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     emb = Embedder(model, "model").eval()
     users = sum(b["ts"].shape[0] for b in batches)
     events = int(sum(b["attention_mask"].sum() for b in batches))
@@ -95,14 +94,7 @@ def bench_model(tag: str, model, vocab: dict, numeric: list[str], batches: list[
     sample = next(b for b in batches if not bool(b["attention_mask"].all()))
     path = tmp / f"{tag}.onnx"
     export_onnx(emb, {k: v[:4] for k, v in sample.items()}, names, path)
-    import onnx
-
-    graph = onnx.load(str(path)).graph
-    weights = {w.name for w in graph.initializer}
-    nodes = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and "/blocks." in n.name
-             and any(i in weights for i in n.input)]
-    quantize_dynamic(str(path), str(tmp / f"{tag}.int8.onnx"), weight_type=QuantType.QInt8, per_channel=True,
-                     nodes_to_quantize=nodes)
+    quantize_onnx_int8(path, tmp / f"{tag}.int8.onnx")
     to, eo = timed(ort_fn(path, names, threads), batches, repeats)
     rows["onnxruntime fp32"] = (to, cosine_agreement(e32, eo))
     to8, eo8 = timed(ort_fn(tmp / f"{tag}.int8.onnx", names, threads), batches, repeats)

@@ -229,3 +229,18 @@ def cosine_agreement(a: Tensor, b: Tensor) -> dict[str, float]:
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
     return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
             "cosine_p01": float(torch.quantile(cos, 0.01)), "n": int(len(cos))}
+
+
+def quantize_onnx_int8(src: str | Path, dst: str | Path) -> None:
+    """onnxruntime dynamic int8 of an exported graph, as `quantize_int8`: only the projections of
+    the transformer blocks (MatMul/Gemm with a weight initializer), per-channel weight scales."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(src)).graph
+    weights = {w.name for w in graph.initializer}
+    nodes = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and "/blocks." in n.name
+             and any(i in weights for i in n.input)]
+    if not nodes:
+        raise RuntimeError(f"{src}: no block projection found to quantise (unexpected node names)")
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes)

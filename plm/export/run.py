@@ -53,6 +53,7 @@ from plm.export.model import (
     load_checkpoint,
     onnx_input_names,
     quantize_int8,
+    quantize_onnx_int8,
 )
 
 EMBEDDINGS_FORMAT = "plm-embeddings/1"
@@ -499,16 +500,7 @@ def _run_onnx(cfg, loaded, dm, embedder, identity, tok: bytes, max_len: int) -> 
     export_onnx(embedder, sample, names, staging / "model.onnx", cfg.opset)
     files = {"fp32": "model.onnx"}
     if cfg.quantize == "int8":
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        # as quantize_int8: only the transformer blocks' projections, per-channel weight scales
-        graph = onnx.load(str(staging / "model.onnx")).graph
-        weights = {w.name for w in graph.initializer}
-        nodes = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and "/blocks." in n.name
-                 and any(i in weights for i in n.input)]
-        quantize_dynamic(str(staging / "model.onnx"), str(staging / "model.int8.onnx"), weight_type=QuantType.QInt8,
-                         per_channel=True, nodes_to_quantize=nodes)
+        quantize_onnx_int8(staging / "model.onnx", staging / "model.int8.onnx")
         files["int8"] = "model.int8.onnx"
     agreement = {}
     for kind, fname in files.items():
