@@ -84,8 +84,10 @@ class EventEmbedding(nn.Module):
         off = 1
         for f in self.fields:
             V = field_vocab_sizes[f]
-            if V <= N_SPECIALS and f not in self.numeric:
-                raise ValueError(f"field '{f}': vocab size {V} has no fitted value (specials are {N_SPECIALS})")
+            # V == N_SPECIALS: nothing was fitted (e.g. `category` when the orders source is
+            # absent); the field still tells not-applicable from missing, so it keeps its rows.
+            if V < N_SPECIALS:
+                raise ValueError(f"field '{f}': vocab size {V} is smaller than the {N_SPECIALS} special tokens")
             only_specials = f in self.numeric and cfg.numeric in ("linear", "periodic")
             self.sizes[f] = N_SPECIALS if only_specials else V
             self.offsets[f] = off

@@ -481,3 +481,19 @@ def test_head_switches():
     t = tied.heads.logits["merchant"]
     g = torch.randn(3, tied.embed.width)
     close(t(g), g @ tied.embed.field_table("merchant").T + t.bias)
+
+
+def test_a_field_with_only_special_tokens_is_embedded():
+    """A source absent from the data leaves its fields with no fitted value (vocab = specials):
+    the model still builds, trains and predicts them."""
+    from plm.model.testing import TOY_NUMERIC, TOY_VOCAB, random_batch
+
+    vocab = {**TOY_VOCAB, "category": 5}
+    b = random_batch(vocab={k: v for k, v in vocab.items() if k != "category"}, B=2, T=6)
+    b["category"] = torch.full_like(b["event_type"], 4)  # NA everywhere
+    m = PLMEncoder(load_model_config("tiny"), vocab, list(TOY_NUMERIC))
+    out = m(b)
+    assert torch.isfinite(out.pooled).all()
+    assert m.heads(out.hidden).logits["category"].shape[-1] == 5
+    with pytest.raises(ValueError, match="smaller than the 5 special tokens"):
+        PLMEncoder(load_model_config("tiny"), {**TOY_VOCAB, "category": 3}, list(TOY_NUMERIC))
