@@ -3,7 +3,8 @@
     OUT/prepared/     plm-prep   (manifest.json, tokenizer.json, train/ val/ test/, quarantine/)
     OUT/train/        plm-train  (config.yaml, checkpoints/, final.pt, csv/metrics.csv, curves.png)
     OUT/embeddings/   plm-export (part-*.parquet, _export.json)
-    OUT/report/       plm-eval   (report.md, report.json, PNGs), when RAW/labels.parquet exists
+    OUT/report/       plm-eval   (report.md, report.json, PNGs), when RAW/labels.parquet exists;
+                                 a decoder preset adds its next-event metrics to the report
     OUT/pipeline.json what each stage consumed and produced, with timings
 
 Each stage is the same function its CLI calls, with the same config: the pipeline only fills in
@@ -67,6 +68,15 @@ def compose_train(prepared: str, run_dir: str, preset: str, overrides: list[str]
     if not t.name:
         t.name = ",".join([preset, *overrides])[:128]
     return t
+
+
+def torch_load_arch(path: Path) -> str | None:
+    """`arch` of a plm-train final.pt ("encoder" / "decoder"), None when absent."""
+    if not path.exists():
+        return None
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True).get("arch")
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -135,7 +145,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             return {"skipped": f"{labels} does not exist"}
         ecfg = replace(cfg.eval, embeddings=str(paths["embeddings"]), labels=str(labels), raw=str(raw),
                        out=str(paths["report"]), overwrite=True)
-        run_eval(ecfg)
+        extra = None
+        final = paths["train"] / "final.pt"
+        if torch_load_arch(final) == "decoder":  # a decoder preset: its next-event metrics join the report
+            from plm.eval.next_event import decoder_sections
+
+            e = cfg.eval
+            extra = decoder_sections(str(final), str(paths["prepared"]), e.next_split, e.next_max_batches,
+                                     e.generate_users, e.generate_horizon, e.seed)
+        run_eval(ecfg, extra_sections=extra)
         return {"out": str(paths["report"]), "report": str(paths["report"] / "report.md")}
 
     t_all = time.perf_counter()
