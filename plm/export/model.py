@@ -37,6 +37,7 @@ class LoadedModel:
     numeric_fields: list[str]
     path: str
     sha256: str  # of the checkpoint file: which weights made an embedding
+    max_len: int = 0  # sequence length it was trained / evaluated with (0 = not recorded)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -70,6 +71,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     if "model" in obj and "model_config" in obj:
         sd, mcfg, vocab, numeric, arch = (obj["model"], obj["model_config"], obj["vocab_sizes"],
                                           obj["numeric_fields"], obj.get("arch", "encoder"))
+        max_len = int(obj.get("max_len", 0) or 0)
     elif "state_dict" in obj and "hyper_parameters" in obj:
         hp = obj["hyper_parameters"]
         missing = [k for k in ("model_cfg", "vocab_sizes", "numeric_fields") if k not in hp]
@@ -80,6 +82,8 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         if not sd:
             raise ValueError(f"Lightning checkpoint {p} has no '{prefix}*' weights")
         mcfg, vocab, numeric = hp["model_cfg"], hp["vocab_sizes"], hp["numeric_fields"]
+        dm = obj.get("datamodule_hyper_parameters") or {}
+        max_len = int(dm.get("eval_max_len", 0) or dm.get("max_len", 0) or 0)
         arch = hp.get("arch", "auto")
         if arch == "auto":
             arch = "decoder" if (hp.get("objective") or {}).get("name") == "next" else "encoder"
@@ -97,7 +101,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
                          f"unexpected {unexpected[:5]}")
     model.eval()
     return LoadedModel(model, arch, dict(mcfg), {k: int(v) for k, v in vocab.items()}, list(numeric), str(p),
-                       file_sha256(p))
+                       file_sha256(p), max_len)
 
 
 def resolve_pooling(model: nn.Module, pooling: str) -> str:

@@ -29,6 +29,7 @@ of `tokenizer.json`, i.e. what a service needs to embed raw events without PLM's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -170,11 +171,7 @@ def check_vocab(loaded: LoadedModel, vocab_sizes: dict[str, int], where: str) ->
 def training_max_len(loaded: LoadedModel, manifest: dict) -> int:
     """The sequence length the checkpoint was trained/evaluated with (final.pt records it), else
     the prepared windows' max_events."""
-    ck = torch.load(loaded.path, map_location="cpu", weights_only=True)
-    n = int(ck.get("max_len", 0) or 0)  # final.pt
-    dm = ck.get("datamodule_hyper_parameters") or {}  # Lightning checkpoint of plm-train
-    n = n or int(dm.get("eval_max_len", 0) or dm.get("max_len", 0) or 0)
-    return n or int(manifest["config"]["max_events"])
+    return loaded.max_len or int(manifest["config"]["max_events"])
 
 
 def model_identity(loaded: LoadedModel, tok_sha: str, cutoff: str, pooling: str, cfg: ExportConfig) -> dict:
@@ -295,7 +292,7 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return out.with_name(out.name + ".__staging__")
 
 
-def _agreement(embedder: Embedder, other, batches: list[dict], normalize: bool) -> dict:
+def _agreement(embedder: Embedder, other, batches: list[dict]) -> dict:
     a, b = [], []
     with torch.no_grad():
         for batch in batches:
@@ -344,8 +341,6 @@ def run_export(cfg: ExportConfig) -> dict:
     loaded = load_checkpoint(cfg.ckpt)
     dm, manifest, max_len = open_data(cfg, loaded)
     tok = tokenizer_bytes(cfg.data)
-    import hashlib
-
     embedder = Embedder(loaded.model, cfg.pooling)
     identity = model_identity(loaded, hashlib.sha256(tok).hexdigest(), manifest["cutoff"], embedder.pooling, cfg)
     if cfg.format == "onnx":
@@ -365,7 +360,7 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
         if t.accelerator not in ("cpu", "auto") or torch.cuda.is_available() and t.accelerator == "auto":
             raise ValueError("quantize=int8 is dynamic CPU quantisation: use trainer.accelerator=cpu")
         model = quantize_int8(embedder)
-        agreement = _agreement(embedder, model, _sample_batches(dm, cfg.agreement_users), cfg.normalize)
+        agreement = _agreement(embedder, model, _sample_batches(dm, cfg.agreement_users))
         _check_agreement("quantize=int8", agreement, cfg.min_cosine)
     schema = embedding_schema(embedder.dim, identity)
     writer = part_writer(staging, identity, schema, cfg.row_group_size)
@@ -505,7 +500,7 @@ def _run_onnx(cfg, loaded, dm, embedder, identity, tok: bytes, max_len: int) -> 
     agreement = {}
     for kind, fname in files.items():
         sess = ort.InferenceSession(str(staging / fname), providers=["CPUExecutionProvider"])
-        agreement[f"onnx_{kind}_vs_fp32"] = _agreement(embedder, _ort_fn(sess, names), batches, False)
+        agreement[f"onnx_{kind}_vs_fp32"] = _agreement(embedder, _ort_fn(sess, names), batches)
     for what, agr in agreement.items():
         _check_agreement(what, agr, cfg.min_cosine)
     (staging / "tokenizer.json").write_bytes(tok)

@@ -20,6 +20,7 @@ broadcasting the checkpoint and tokenizer, or `plm-export` under torchrun over p
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -63,14 +64,15 @@ class UserEmbedder:
 
         loaded = load_checkpoint(ckpt)
         manifest = read_manifest(data)
-        tok = Tokenizer.from_dict(__import__("json").loads(tokenizer_bytes(data)))
+        tok_bytes = tokenizer_bytes(data)
+        tok = Tokenizer.from_dict(json.loads(tok_bytes))
         c = manifest["config"]
         kw.setdefault("max_len", 0)
         if not kw["max_len"]:
             kw["max_len"] = training_max_len(loaded, manifest)
         obj = cls(loaded, tok, c["max_events"], c["stride"], ts_min=manifest.get("ts_window", {}).get("min", c["ts_min"]),
                   **kw)
-        obj.tokenizer_sha256 = hashlib.sha256(tokenizer_bytes(data)).hexdigest()
+        obj.tokenizer_sha256 = hashlib.sha256(tok_bytes).hexdigest()
         return obj
 
     @property
