@@ -58,9 +58,7 @@ def compose_train(prepared: str, run_dir: str, preset: str, overrides: list[str]
 
     over = [f"data.path={prepared}", f"run_dir={run_dir}", f"experiment={preset}", *overrides]
     if GlobalHydra.instance().is_initialized():  # inside the plm-pipeline hydra app
-        from hydra import compose as _compose
-
-        cfg = _compose("train", overrides=over)
+        cfg = compose("train", overrides=over)
     else:
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
             cfg = compose("train", overrides=over)
