@@ -24,7 +24,7 @@ class ExportConfig:
     overwrite: bool = False
     format: str = "parquet"  # parquet (embeddings per spec/outputs.md) | onnx (the encoder as an ONNX graph)
     quantize: str = "none"  # none | int8 (dynamic int8 of every Linear; agreement with fp32 is checked)
-    pooling: str = "model"  # model | mean | last | max | cls | attention (see plm.export.model)
+    pooling: str = "model"  # model | mean | last | max | cls | attention | asof | mean_asof (plm.export.model)
     normalize: bool = False  # L2-normalise every embedding (cosine = dot product)
     splits: str = "train,val,test"  # users of these splits (each user is in exactly one split)
     max_len: int = 0  # most recent events per user; 0 = the length the model was trained on

@@ -8,9 +8,17 @@
 - `quantize_int8(embedder)`: dynamic int8 quantisation of every `nn.Linear` (torch).
 
 Pooling (`pooling=`): `model` = what the model was trained with (encoder: its `pooling` config,
-i.e. mean / last / cls / attention; decoder: `last`, the causal state that has read the whole
-history); `mean`, `last`, `max` over the real events of each sequence (masked, padding never
+i.e. mean / last / cls / attention, and `mean_asof` for a mean-pooled encoder trained with the
+as-of query; decoder: `last`, the causal state that has read the whole history); `mean`, `last`, `max` over the real events of each sequence (masked, padding never
 counts); `cls` / `attention` only for encoders trained with that pooling (they need its weights).
+
+As-of poolings (encoders with time-aware positions): one query event is appended to every
+sequence at the as-of time (the cut-off), every field MASK, only its time known; `asof` = the
+encoder's state at that event (what the model expects to happen next, given the history and the
+time elapsed since its last event: recency and hazard, which mean pooling cannot see), and
+`mean_asof` = [mean over the real events, asof] (2 x d_model), both from the same forward pass
+(bidirectional: the history's states also see the query). The query is what
+`objective.masked.last_prob` trains (`last_jitter` makes its time a censored gap, as at a cut-off).
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ from torch import Tensor, nn
 
 from plm.data.collate import ID_COLUMNS, VALUE_COLUMNS
 from plm.model import PLMDecoder, PLMEncoder, model_config_from_dict
+from plm.model.batch import MASK, value_key
 
-POOLINGS = ("model", "mean", "last", "max", "cls", "attention")
+POOLINGS = ("model", "mean", "last", "max", "cls", "attention", "asof", "mean_asof")
+AS_OF_POOLINGS = ("asof", "mean_asof")
 
 
 @dataclass
@@ -38,6 +48,7 @@ class LoadedModel:
     path: str
     sha256: str  # of the checkpoint file: which weights made an embedding
     max_len: int = 0  # sequence length it was trained / evaluated with (0 = not recorded)
+    as_of_query: bool = False  # trained with the as-of query (objective.masked.last_prob > 0)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -72,6 +83,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         sd, mcfg, vocab, numeric, arch = (obj["model"], obj["model_config"], obj["vocab_sizes"],
                                           obj["numeric_fields"], obj.get("arch", "encoder"))
         max_len = int(obj.get("max_len", 0) or 0)
+        as_of_query = bool(obj.get("as_of_query", False))
     elif "state_dict" in obj and "hyper_parameters" in obj:
         hp = obj["hyper_parameters"]
         missing = [k for k in ("model_cfg", "vocab_sizes", "numeric_fields") if k not in hp]
@@ -85,6 +97,8 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         dm = obj.get("datamodule_hyper_parameters") or {}
         max_len = int(dm.get("eval_max_len", 0) or dm.get("max_len", 0) or 0)
         arch = hp.get("arch", "auto")
+        masked = (hp.get("objective") or {}).get("masked") or {}
+        as_of_query = bool(masked.get("weight", 0) > 0 and masked.get("last_prob", 0) > 0)
         if arch == "auto":
             arch = "decoder" if (hp.get("objective") or {}).get("name") == "next" else "encoder"
     else:
@@ -101,16 +115,29 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
                          f"unexpected {unexpected[:5]}")
     model.eval()
     return LoadedModel(model, arch, dict(mcfg), {k: int(v) for k, v in vocab.items()}, list(numeric), str(p),
-                       file_sha256(p), max_len)
+                       file_sha256(p), max_len, as_of_query)
 
 
-def resolve_pooling(model: nn.Module, pooling: str) -> str:
-    """The concrete pooling for `model` (see the module docstring); a clear error if impossible."""
+def resolve_pooling(model: nn.Module, pooling: str, as_of_query: bool = False) -> str:
+    """The concrete pooling for `model` (see the module docstring); a clear error if impossible.
+    `as_of_query`: the encoder was trained with the as-of query, so `model` means `mean_asof`."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
     decoder = isinstance(model, PLMDecoder)
     if pooling == "model":
-        return "last" if decoder else model.cfg.pooling
+        if decoder:
+            return "last"
+        if as_of_query and model.cfg.pooling == "mean" and model.positions.needs_time:
+            return "mean_asof"
+        return model.cfg.pooling
+    if pooling in AS_OF_POOLINGS:
+        if decoder:
+            raise ValueError(f"pooling={pooling} needs an encoder (its as-of query is a masked event); "
+                             "a decoder's `last` state already reads the whole history")
+        if not model.positions.needs_time:
+            raise ValueError(f"pooling={pooling} needs time-aware positions (model.position.rope=time|both or a "
+                             f"time_* bias): with position.rope={model.cfg.position.rope}, "
+                             f"bias={model.cfg.position.bias!r} the query event would not know the as-of time")
     if pooling in ("cls", "attention"):
         if decoder or model.cfg.pooling != pooling:
             raise ValueError(f"pooling={pooling} needs an encoder trained with pooling={pooling} "
@@ -135,29 +162,82 @@ def masked_pool(h: Tensor, mask: Tensor, kind: str) -> Tensor:
     raise ValueError(f"masked_pool: unknown kind {kind!r}")
 
 
+def append_as_of(batch: dict[str, Tensor], as_of: Tensor, fields: list[str]) -> tuple[dict[str, Tensor], Tensor]:
+    """Right-padded (B, T) batch -> (B, T + 1) batch with a query event right after each row's
+    last real event: every field in `fields` MASK (values 0), `ts` = `as_of` (B,) epoch µs,
+    position = the row's length; and the (B,) column of that event. Masks and scatters only (no
+    data-dependent shapes), so it exports to ONNX."""
+    mask = batch["attention_mask"].bool()
+    n = mask.long().sum(1)  # (B,) real events; rows are right-padded
+    idx = n[:, None]
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, Tensor) and v.dim() == 2:
+            out[k] = torch.cat([v, torch.zeros_like(v[:, :1])], dim=1)
+    for f in fields:
+        out[f] = out[f].scatter(1, idx, torch.full_like(idx, MASK).to(out[f].dtype))
+        vk = value_key(f)
+        if vk in out:
+            out[vk] = out[vk].scatter(1, idx, torch.zeros_like(idx).to(out[vk].dtype))
+    out["ts"] = out["ts"].scatter(1, idx, as_of.to(out["ts"].dtype)[:, None])
+    out["attention_mask"] = out["attention_mask"].scatter(1, idx, torch.ones_like(idx, dtype=torch.bool))
+    if "positions" in out:
+        out["positions"] = out["positions"].scatter(1, idx, idx.to(out["positions"].dtype))
+    return out, n
+
+
 class Embedder(nn.Module):
-    """`Embedder(model, pooling)(batch) -> (N, d)` float32 user embeddings.
+    """`Embedder(model, pooling, as_of_us)(batch) -> (N, d)` float32 user embeddings.
 
     `batch` follows `plm.model.batch` and must be unpacked (one sequence per row, `attention_mask`
-    marks real events), which is what the export loaders produce (bucketed batches)."""
+    marks real events, right padding), which is what the export loaders produce (bucketed batches).
+    The as-of poolings read the as-of time from `batch["as_of"]` ((B,) epoch µs) if present, else
+    from `as_of_us` (the export's cut-off)."""
 
-    def __init__(self, model: nn.Module, pooling: str = "model"):
+    def __init__(self, model: nn.Module, pooling: str = "model", as_of_us: int | None = None,
+                 as_of_query: bool = False):
         super().__init__()
         self.model = model
-        self.pooling = resolve_pooling(model, pooling)
+        self.pooling = resolve_pooling(model, pooling, as_of_query)
+        self.as_of_us = None if as_of_us is None else int(as_of_us)
+        self.fields = [f for f in getattr(model, "field_vocab_sizes", {})]
+
+    @property
+    def needs_as_of(self) -> bool:
+        return self.pooling in AS_OF_POOLINGS
 
     @property
     def dim(self) -> int:
-        return int(self.model.cfg.d_model)
+        d = int(self.model.cfg.d_model)
+        return 2 * d if self.pooling == "mean_asof" else d
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         if "segment_ids" in batch:
             raise ValueError("Embedder takes unpacked batches (batch_mode=bucketed)")
+        if self.needs_as_of:
+            return self._as_of_forward(batch)
         out = self.model(batch)
         if self.pooling in ("cls", "attention"):
             return out.pooled.float()
         mask = batch["attention_mask"].bool()
         return masked_pool(out.hidden, mask, self.pooling).float()
+
+    def _as_of_forward(self, batch: dict[str, Tensor]) -> Tensor:
+        mask = batch["attention_mask"].bool()
+        if "as_of" in batch:
+            as_of = batch["as_of"].long().reshape(-1)
+        elif self.as_of_us is not None:
+            as_of = torch.full((mask.shape[0],), self.as_of_us, dtype=torch.long, device=mask.device)
+        else:
+            raise ValueError(f"pooling={self.pooling} needs the as-of time: Embedder(as_of_us=...) or batch['as_of']")
+        fields = [f for f in self.fields if f in batch]
+        query, n = append_as_of({k: v for k, v in batch.items() if k != "as_of"}, as_of, fields)
+        h = self.model(query).hidden  # (B, T + 1, d)
+        state = h.gather(1, n[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
+        if self.pooling == "asof":
+            return state.float()
+        mean = masked_pool(h[:, :-1], mask, "mean")
+        return torch.cat([mean, state], dim=-1).float()
 
 
 # ------------------------------------------------------------------------------------ ONNX
@@ -165,12 +245,13 @@ class Embedder(nn.Module):
 TENSOR_INPUTS_TAIL = ("ts", "positions", "attention_mask")
 
 
-def onnx_input_names(vocab_sizes: dict[str, int], numeric_fields: list[str]) -> list[str]:
+def onnx_input_names(vocab_sizes: dict[str, int], numeric_fields: list[str], as_of: bool = False) -> list[str]:
     """The ONNX graph's inputs, in order: every id column the model embeds, the value columns of
-    its numeric fields, then ts (int64 us), positions (int64) and attention_mask (bool), all (B, T)."""
+    its numeric fields, then ts (int64 us), positions (int64) and attention_mask (bool), all (B, T);
+    with an as-of pooling, last `as_of` (B,) int64 epoch µs."""
     ids = [c for c in ID_COLUMNS if c in vocab_sizes]
     vals = [c for c in VALUE_COLUMNS if c.removesuffix("_value") in numeric_fields]
-    return ids + vals + list(TENSOR_INPUTS_TAIL)
+    return ids + vals + list(TENSOR_INPUTS_TAIL) + (["as_of"] if as_of else [])
 
 
 class OnnxEmbedder(nn.Module):
@@ -194,7 +275,7 @@ def export_onnx(embedder: Embedder, sample: dict[str, Tensor], names: list[str],
         raise ValueError("export_onnx: the sample batch needs at least one padded position")
     wrapped = OnnxEmbedder(embedder, names).eval()
     args = tuple(sample[n] for n in names)
-    dyn = {n: {0: "batch", 1: "events"} for n in names}
+    dyn = {n: {0: "batch"} if n == "as_of" else {0: "batch", 1: "events"} for n in names}
     import warnings
 
     with torch.no_grad(), warnings.catch_warnings():

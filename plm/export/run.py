@@ -174,7 +174,12 @@ def training_max_len(loaded: LoadedModel, manifest: dict) -> int:
     return loaded.max_len or int(manifest["config"]["max_events"])
 
 
-def model_identity(loaded: LoadedModel, tok_sha: str, cutoff: str, pooling: str, cfg: ExportConfig) -> dict:
+def iso_us(ts: str) -> int:
+    """ISO-8601 UTC time ("...Z" or "+00:00") -> epoch microseconds."""
+    return int(np.datetime64(ts.replace("Z", "").replace("+00:00", ""), "us").astype(np.int64))
+
+
+def model_identity(loaded: LoadedModel, tok_sha: str, cutoff: str, embedder: Embedder, cfg: ExportConfig) -> dict:
     from plm import __version__
 
     name = loaded.model_config.get("name", "custom")
@@ -185,9 +190,9 @@ def model_identity(loaded: LoadedModel, tok_sha: str, cutoff: str, pooling: str,
         "checkpoint": os.path.basename(os.path.dirname(os.path.abspath(loaded.path))) + "/"
         + os.path.basename(loaded.path),
         "tokenizer_sha256": tok_sha,
-        "pooling": pooling,
+        "pooling": embedder.pooling,
         "as_of": cutoff,
-        "dim": int(loaded.model_config.get("d_model", 0)),
+        "dim": embedder.dim,
         "normalized": bool(cfg.normalize),
         "quantize": cfg.quantize,
         "plm_version": __version__,
@@ -341,8 +346,8 @@ def run_export(cfg: ExportConfig) -> dict:
     loaded = load_checkpoint(cfg.ckpt)
     dm, manifest, max_len = open_data(cfg, loaded)
     tok = tokenizer_bytes(cfg.data)
-    embedder = Embedder(loaded.model, cfg.pooling)
-    identity = model_identity(loaded, hashlib.sha256(tok).hexdigest(), manifest["cutoff"], embedder.pooling, cfg)
+    embedder = Embedder(loaded.model, cfg.pooling, as_of_us=iso_us(manifest["cutoff"]), as_of_query=loaded.as_of_query)
+    identity = model_identity(loaded, hashlib.sha256(tok).hexdigest(), manifest["cutoff"], embedder, cfg)
     if cfg.format == "onnx":
         return _run_onnx(cfg, loaded, dm, embedder, identity, tok, max_len)
     return _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len)
@@ -490,7 +495,10 @@ def _run_onnx(cfg, loaded, dm, embedder, identity, tok: bytes, max_len: int) -> 
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     batches = _sample_batches(dm, cfg.agreement_users)
-    names = onnx_input_names(loaded.vocab_sizes, loaded.numeric_fields)
+    names = onnx_input_names(loaded.vocab_sizes, loaded.numeric_fields, as_of=embedder.needs_as_of)
+    if embedder.needs_as_of:  # the graph takes the as-of time per user (a service asks "as of now")
+        for b in batches:
+            b["as_of"] = torch.full((len(b["user_id"]),), embedder.as_of_us, dtype=torch.long)
     sample = _padded_sample(batches)
     export_onnx(embedder, sample, names, staging / "model.onnx", cfg.opset)
     files = {"fp32": "model.onnx"}
@@ -508,8 +516,8 @@ def _run_onnx(cfg, loaded, dm, embedder, identity, tok: bytes, max_len: int) -> 
         "format": "plm-onnx/1",
         "identity": identity,
         "files": files,
-        "inputs": [{"name": n, "shape": ["batch", "events"],
-                    "dtype": "bool" if n == "attention_mask" else "int64" if n in ("ts", "positions")
+        "inputs": [{"name": n, "shape": ["batch"] if n == "as_of" else ["batch", "events"],
+                    "dtype": "bool" if n == "attention_mask" else "int64" if n in ("ts", "positions", "as_of")
                     else "float32" if n.endswith("_value") else "int32"} for n in names],
         "output": {"name": "embedding", "shape": ["batch", identity["dim"]], "dtype": "float32"},
         "max_len": max_len,
@@ -529,6 +537,8 @@ def _padded_sample(batches: list[dict]) -> dict[str, torch.Tensor]:
     b = {k: v[:4] for k, v in batches[0].items() if isinstance(v, torch.Tensor) and v.dim() == 2}
     if bool(b["attention_mask"].all()):
         b = {k: torch.cat([v, torch.zeros_like(v[:, :1])], dim=1) for k, v in b.items()}
+    if "as_of" in batches[0]:
+        b["as_of"] = batches[0]["as_of"][:4]
     return b
 
 

@@ -47,7 +47,7 @@ class UserEmbedder:
         self.max_len = int(max_len or max_events)
         self.max_tokens = max(int(max_tokens), self.max_len)
         self.normalize = normalize
-        self.embedder = Embedder(loaded.model, pooling)
+        self.embedder = Embedder(loaded.model, pooling, as_of_query=loaded.as_of_query)
         if quantize == "int8":
             self.embedder = quantize_int8(self.embedder)
         elif quantize != "none":
@@ -77,7 +77,16 @@ class UserEmbedder:
 
     @property
     def dim(self) -> int:
-        return int(self.loaded.model.cfg.d_model)
+        return self.embedder.dim
+
+    def _as_of_us(self, as_of: str | None, what: str) -> int | None:
+        if not self.embedder.needs_as_of:
+            return None
+        if as_of is None:
+            raise ValueError(f"pooling={self.embedder.pooling} embeds users as of a time: pass {what}")
+        from plm.export.run import iso_us
+
+        return iso_us(as_of)
 
     def embed_raw(self, tables: dict[str, pa.Table | None], cutoff: str | None = None) -> pa.Table:
         """Raw contract tables (payments/logins/orders, any subset) -> one row per user with at
@@ -93,12 +102,17 @@ class UserEmbedder:
             if "no valid events" not in str(e):
                 raise
             windows = None
-        out = self.embed_windows(windows) if windows is not None else self._empty()
+        as_of = self._as_of_us(cutoff, "cutoff=ISO-TIME")
+        out = self._embed(windows, as_of) if windows is not None else self._empty()
         self.missing_users = sorted(users - set(out.column("user_id").to_pylist()))
         return out
 
-    def embed_windows(self, windows: pa.Table) -> pa.Table:
-        """Prepared windows (shard schema) -> embeddings of each user's window 0, sorted by user_id."""
+    def embed_windows(self, windows: pa.Table, as_of: str | None = None) -> pa.Table:
+        """Prepared windows (shard schema) -> embeddings of each user's window 0, sorted by user_id.
+        `as_of` (ISO time; the as-of poolings need it, e.g. the prepared data's cut-off)."""
+        return self._embed(windows, self._as_of_us(as_of, "as_of=ISO-TIME"))
+
+    def _embed(self, windows: pa.Table, as_of_us: int | None) -> pa.Table:
         w0 = windows.filter(pc.and_(pc.equal(windows.column("window_index"), 0),
                                     pc.greater(windows.column("n_events"), 0)))
         if w0.num_rows == 0:
@@ -107,6 +121,8 @@ class UserEmbedder:
         with torch.no_grad():
             for batch in collate_windows(w0, self.max_len, mode="bucketed", max_tokens=self.max_tokens):
                 t = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                if as_of_us is not None:
+                    t["as_of"] = torch.full((len(batch["user_id"]),), as_of_us, dtype=torch.long)
                 e = self.embedder(t)
                 if self.normalize:
                     e = torch.nn.functional.normalize(e, dim=-1)

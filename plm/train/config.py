@@ -17,6 +17,8 @@ class MaskedConfig:
     event_prob: float = 0.15  # probability to mask a whole event (every field)
     field_prob: float = 0.0  # probability to mask one field of an event on its own
     regression_weight: float = 1.0  # weight of the numeric-value MSE (0 = CE on bins only)
+    last_prob: float = 0.0  # probability to mask the last event of each sequence (the as-of query)
+    last_jitter: bool = False  # that event's time drawn between the previous event and its own
 
 
 @dataclass

@@ -22,7 +22,8 @@ def build_objectives(cfg: ObjectiveConfig) -> list[tuple[str, float, Any]]:
     out = []
     if cfg.masked.weight > 0:
         m = cfg.masked
-        out.append(("masked", m.weight, MaskedEventObjective(m.event_prob, m.field_prob, m.regression_weight)))
+        out.append(("masked", m.weight, MaskedEventObjective(m.event_prob, m.field_prob, m.regression_weight,
+                                                                m.last_prob, m.last_jitter)))
     if cfg.contrastive.weight > 0:
         c = cfg.contrastive
         out.append(("contrastive", c.weight, ContrastiveObjective(c.temperature, c.min_frac, c.max_frac, c.min_len,

@@ -147,19 +147,60 @@ def field_losses(
 
 class MaskedEventObjective:
     """Mask whole events with prob `event_prob` and single fields with prob `field_prob` (only real
-    events); masked ids become MASK, masked numeric values 0; predict every masked field."""
+    events); masked ids become MASK, masked numeric values 0; predict every masked field.
+
+    `last_prob`: also mask the whole last event of each sequence with this probability, so the
+    model learns the query `plm-export pooling=asof` asks at the cut-off (an all-MASK event at a
+    known time after the history: what comes next?). `last_jitter`: that event's time is drawn
+    uniformly between the previous event and its own (a censored gap, like the time since the
+    last event at an as-of date) while its fields, the gap bin included, stay the targets."""
 
     name = "masked"
 
-    def __init__(self, event_prob: float = 0.15, field_prob: float = 0.0, regression_weight: float = 1.0):
-        if not 0 <= event_prob <= 1 or not 0 <= field_prob <= 1 or event_prob + field_prob <= 0:
-            raise ValueError(f"masked: need 0 <= event_prob, field_prob <= 1, not both 0 (got {event_prob}, {field_prob})")
+    def __init__(self, event_prob: float = 0.15, field_prob: float = 0.0, regression_weight: float = 1.0,
+                 last_prob: float = 0.0, last_jitter: bool = False):
+        if not all(0 <= p <= 1 for p in (event_prob, field_prob, last_prob)) or event_prob + field_prob + last_prob <= 0:
+            raise ValueError(f"masked: need 0 <= event_prob, field_prob, last_prob <= 1, not all 0 "
+                             f"(got {event_prob}, {field_prob}, {last_prob})")
         self.event_prob, self.field_prob, self.regression_weight = event_prob, field_prob, regression_weight
+        self.last_prob, self.last_jitter = last_prob, last_jitter
 
-    def make_masks(self, batch: dict[str, Tensor], fields: list[str], generator) -> dict[str, Tensor]:
+    def last_events(self, batch: dict[str, Tensor], generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T) bool: the last event of each sequence, chosen with prob `last_prob`; and the
+        (row, column) of the chosen ones (the as-of query of `plm.export`: what happens next, at
+        a known time, after this history)."""
+        valid = _valid(batch)
+        row, first, length = sequence_spans(batch)
+        pick = _rand(length.shape, generator, valid.device) < self.last_prob
+        r, c = row[pick], (first + length - 1)[pick]
+        m = torch.zeros_like(valid)
+        m[r, c] = True
+        return m, r, c
+
+    def jitter_times(self, batch: dict[str, Tensor], r: Tensor, c: Tensor, generator) -> dict[str, Tensor]:
+        """Move each chosen last event's `ts` to a uniform time between the previous event of its
+        sequence and itself: "nothing happened until ts; what comes next?" (a censored gap, as at
+        the export's as-of time). The first event of a sequence keeps its time."""
+        out = dict(batch)
+        ts = batch["ts"].clone()
+        prev_c = (c - 1).clamp(min=0)
+        has_prev = (c > 0) & (_valid(batch)[r, prev_c])
+        if "segment_ids" in batch:
+            has_prev &= batch["segment_ids"][r, prev_c] == batch["segment_ids"][r, c]
+        u = _rand(c.shape, generator, ts.device).double()
+        t_prev, t_last = ts[r, prev_c], ts[r, c]
+        moved = t_prev + ((t_last - t_prev).double() * u).long()
+        ts[r, c] = torch.where(has_prev, moved, t_last)
+        out["ts"] = ts
+        return out
+
+    def make_masks(self, batch: dict[str, Tensor], fields: list[str], generator,
+                   last: Tensor | None = None) -> dict[str, Tensor]:
         valid = _valid(batch)
         dev = valid.device
         ev = (_rand(valid.shape, generator, dev) < self.event_prob) & valid
+        if last is not None:
+            ev = ev | last
         masks = {}
         for f in fields:
             m = ev
@@ -185,8 +226,13 @@ class MaskedEventObjective:
 
     def __call__(self, model, batch: dict[str, Tensor], generator=None) -> ObjectiveOutput:
         fields = [f for f in model.field_vocab_sizes if f in batch]
-        masks = self.make_masks(batch, fields, generator)
-        out, pred, _ = run_net(model, self.apply_masks(batch, masks))
+        last, inputs = None, batch
+        if self.last_prob > 0:
+            last, r, c = self.last_events(batch, generator)
+            if self.last_jitter and "ts" in batch:
+                inputs = self.jitter_times(batch, r, c, generator)
+        masks = self.make_masks(batch, fields, generator, last)
+        out, pred, _ = run_net(model, self.apply_masks(inputs, masks))
         targets = {f: batch[f] for f in fields}
         values = {f: batch[value_key(f)] for f in fields if value_key(f) in batch}
         res = field_losses(pred.logits, pred.values, targets, values, masks, "masked", self.regression_weight)

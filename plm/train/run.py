@@ -5,7 +5,8 @@ Run folder layout::
 
     <run_dir>/config.yaml         the resolved TrainConfig
     <run_dir>/checkpoints/        step-N.ckpt (periodic), last.ckpt (torch.load(..., weights_only=True))
-    <run_dir>/final.pt            {"model": state_dict, "model_config", "vocab_sizes", "numeric_fields", "arch", "max_len"}
+    <run_dir>/final.pt            {"model": state_dict, "model_config", "vocab_sizes", "numeric_fields", "arch", "max_len",
+                                   "as_of_query" (trained with objective.masked.last_prob > 0)}
     <run_dir>/csv/metrics.csv     every logged metric
     <run_dir>/curves.png          training curves
     <run_dir>/wandb/              offline wandb run (sync later with `wandb sync`)
@@ -187,7 +188,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if trainer.global_rank == 0:
         torch.save({"model": sd, "model_config": asdict(cfg.model), "vocab_sizes": dict(dm.vocab_sizes),
                     "numeric_fields": list(dm.numeric_fields), "arch": module.arch,
-                    "max_len": int(cfg.data.eval_max_len or cfg.data.max_len)}, final)
+                    "max_len": int(cfg.data.eval_max_len or cfg.data.max_len),
+                    "as_of_query": bool(cfg.objective.masked.weight > 0 and cfg.objective.masked.last_prob > 0)}, final)
         if wandb_logger is not None and cfg.logger.log_artifacts:
             _log_artifacts(wandb_logger, dm, final, run_dir)
         if wandb_logger is not None:

@@ -111,6 +111,70 @@ def test_poolings_differ_and_match_a_direct_computation(trained, tmp_path):
         Embedder(loaded.model, "cls")
 
 
+def test_as_of_pooling_is_the_state_of_a_masked_query_at_the_cutoff(trained, tmp_path):
+    """pooling=mean_asof = [mean, state of an all-MASK event appended at the as-of time]: equal to
+    a hand-built query batch, independent of padding, sensitive to the as-of time, the same
+    through the service and ONNX; refused where it cannot mean anything."""
+    from plm.data.collate import collate_windows
+    from plm.export.model import append_as_of
+    from plm.export.run import iso_us
+    from plm.model.batch import MASK
+
+    prep, ckpt = trained
+    rec = run_export(export_cfg(prep, ckpt, tmp_path / "ma", pooling="mean_asof", splits="val"))
+    assert rec["identity"]["dim"] == 128 and rec["identity"]["pooling"] == "mean_asof"
+    t = pq.read_table(tmp_path / "ma").sort_by("user_id")
+    x = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+    assert t.schema.field("embedding").type.list_size == 128
+
+    loaded = load_checkpoint(ckpt)
+    windows = pa.concat_tables([pq.read_table(p) for p in sorted(prep.glob("val/part-*.parquet"))])
+    w0 = windows.filter(pa.compute.equal(windows.column("window_index"), 0))
+    batch = next(iter(collate_windows(w0, 16, mode="bucketed", max_tokens=4096)))
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    emb = Embedder(loaded.model, "mean_asof", as_of_us=iso_us(CUTOFF))
+    with torch.no_grad():
+        got = emb(tensors)
+        exported = dict(zip(t.column("user_id").to_pylist(), x))
+        np.testing.assert_allclose(got.numpy(), np.stack([exported[u] for u in batch["user_id"]]), rtol=1e-5, atol=1e-6)
+        for i in range(len(batch["user_id"])):  # one user alone, query written by hand
+            n = int(batch["lengths"][i])
+            one = {k: v[i : i + 1, :n] for k, v in tensors.items() if v.dim() == 2}
+            q = {k: torch.cat([v, v[:, -1:]], 1) for k, v in one.items()}
+            for f in loaded.vocab_sizes:
+                q[f][0, n] = MASK
+                if f"{f}_value" in q:
+                    q[f"{f}_value"][0, n] = 0.0
+            q["ts"][0, n] = iso_us(CUTOFF)
+            if "positions" in q:
+                q["positions"][0, n] = n
+            h = loaded.model(q).hidden[0]  # one forward: history and query see each other
+            torch.testing.assert_close(got[i], torch.cat([h[:n].mean(0), h[n]]), rtol=1e-4, atol=1e-5)
+        later = Embedder(loaded.model, "asof", as_of_us=iso_us(CUTOFF) + 30 * 86_400_000_000)(tensors)
+    assert not torch.allclose(got[:, 64:], later, atol=1e-4)  # the elapsed time is seen
+    q, n = append_as_of(tensors, torch.full((got.shape[0],), 7), list(loaded.vocab_sizes))
+    assert torch.equal(n, tensors["attention_mask"].sum(1)) and q["ts"].shape[1] == tensors["ts"].shape[1] + 1
+
+    svc = UserEmbedder.from_files(str(ckpt), str(prep), pooling="mean_asof")
+    with pytest.raises(ValueError, match="embeds users as of a time"):
+        svc.embed_windows(windows)
+    got = svc.embed_windows(windows.filter(pa.compute.equal(windows.column("split"), "val")), as_of=CUTOFF)
+    np.testing.assert_allclose(np.stack(got.column("embedding").to_numpy(zero_copy_only=False)), x, rtol=1e-5, atol=1e-6)
+
+    onnx = run_export(export_cfg(prep, ckpt, tmp_path / "onnx", format="onnx", pooling="mean_asof"))
+    assert onnx["agreement"]["onnx_fp32_vs_fp32"]["cosine_min"] > 0.99999
+    assert onnx["inputs"][-1] == {"name": "as_of", "shape": ["batch"], "dtype": "int64"}
+
+    assert not loaded.as_of_query and Embedder(loaded.model, "model").pooling == "mean"
+    assert Embedder(loaded.model, "model", as_of_query=True).pooling == "mean_asof"  # trained with last_prob
+    cfg = loaded.model.cfg
+    from plm.model import PLMEncoder
+
+    cfg2 = replace(cfg, position=replace(cfg.position, rope="index"))
+    with pytest.raises(ValueError, match="needs time-aware positions"):
+        Embedder(PLMEncoder(cfg2, loaded.vocab_sizes, loaded.numeric_fields), "asof")
+
+
 def test_int8_and_normalize_and_faiss(trained, tmp_path):
     prep, ckpt = trained
     rec = run_export(export_cfg(prep, ckpt, tmp_path / "q", quantize="int8", normalize=True, index="flat"))
@@ -208,6 +272,8 @@ def test_decoder_export_and_next_event_report(trained, tmp_path):
     ckpt = tmp_path / "dec" / "final.pt"
     rec = run_export(export_cfg(prep, ckpt, tmp_path / "emb"))
     assert rec["identity"]["model"] == "decoder:tiny" and rec["identity"]["pooling"] == "last"
+    with pytest.raises(ValueError, match="pooling=asof needs an encoder"):
+        run_export(export_cfg(prep, ckpt, tmp_path / "emb2", pooling="asof"))
     users = pq.read_table(tmp_path / "emb", columns=["user_id"]).column("user_id").to_pylist()
     rng = np.random.default_rng(0)
     pq.write_table(pa.table({"user_id": users, "flag": rng.integers(0, 2, len(users))}), tmp_path / "labels.parquet")

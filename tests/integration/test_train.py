@@ -52,7 +52,8 @@ def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
 
 def test_run_folder_and_checkpoints(prepared, tmp_path):
     cfg = make_cfg(prepared, tmp_path / "run", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3",
-                   "trainer.val_check_interval=3", "logger=wandb")
+                   "trainer.val_check_interval=3", "logger=wandb", "objective.masked.last_prob=0.5",
+                   "objective.masked.last_jitter=true")
     out = train(cfg)
     run = Path(out["run_dir"])
     assert (run / "config.yaml").exists() and "max_steps: 6" in (run / "config.yaml").read_text()
@@ -62,7 +63,7 @@ def test_run_folder_and_checkpoints(prepared, tmp_path):
     ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ck["global_step"] == 6 and "state_dict" in ck
     fin = torch.load(run / "final.pt", weights_only=True)
-    assert set(fin) >= {"model", "model_config", "vocab_sizes"}
+    assert set(fin) >= {"model", "model_config", "vocab_sizes"} and fin["as_of_query"] is True
     m = losses(run)
     assert len(m) >= 5
     names = open(run / "csv" / "metrics.csv").readline()

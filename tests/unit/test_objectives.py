@@ -116,6 +116,42 @@ def test_masked_objective_runs_and_backprops():
         assert set(res.ce_sums) <= set(TOY_VOCAB)
 
 
+def test_last_event_query_masks_each_sequence_end_and_censors_its_time():
+    """last_prob=1 masks exactly the last event of every sequence (packed and padded batches);
+    last_jitter moves only those events' ts, into (previous event, own time]; targets unchanged."""
+    fields = list(TOY_VOCAB)
+    for b in (padded_batch(), packed_batch()):
+        b["ts"] = torch.cumsum(torch.randint(1, 10**9, b["ts"].shape), 1) * (_valid_of(b)).long()
+        obj = MaskedEventObjective(event_prob=0.0, field_prob=0.0, last_prob=1.0, last_jitter=True)
+        g = torch.Generator().manual_seed(0)
+        last, r, c = obj.last_events(b, g)
+        row, first, length = sequence_spans(b)
+        want = torch.zeros_like(last)
+        want[row, first + length - 1] = True
+        assert torch.equal(last, want)
+        masks = obj.make_masks(b, fields, g, last)
+        assert all(torch.equal(m, want) for m in masks.values())
+        moved = obj.jitter_times(b, r, c, g)["ts"]
+        assert torch.equal(moved[~want], b["ts"][~want])
+        for rr, cc, n in zip(row, first + length - 1, length):
+            if n > 1:
+                assert b["ts"][rr, cc - 1] <= moved[rr, cc] <= b["ts"][rr, cc]
+            else:
+                assert moved[rr, cc] == b["ts"][rr, cc]
+        assert (moved[want] < b["ts"][want]).any()
+    half = MaskedEventObjective(event_prob=0.0, last_prob=0.5)
+    n = [int(half.last_events(packed_batch(), torch.Generator().manual_seed(s))[0].sum()) for s in range(40)]
+    assert 1.5 < sum(n) / len(n) < 2.5  # 4 sequences, half of their ends on average
+    model = PLMEncoder(tiny_cfg(), TOY_VOCAB, TOY_NUMERIC)
+    res = MaskedEventObjective(0.0, 0.0, last_prob=1.0, last_jitter=True)(model, padded_batch(), torch.Generator())
+    res.loss.backward()
+    assert torch.isfinite(res.loss)
+
+
+def _valid_of(b):
+    return b["attention_mask"] if "attention_mask" in b else b["segment_ids"] != 0
+
+
 def test_next_event_targets_shift_within_segments():
     b = packed_batch()
     has_next, idx = next_event_targets(b)
