@@ -6,7 +6,7 @@ The pipeline, per source then merged (`data_prep.prep.run_prep` wires it):
     normalize_source  -> canonical contract columns and types (extra columns dropped)
     flag_rows         -> status kept | quarantined | duplicate, and the quarantine `reason`
     to_events         -> one unified event schema across sources (string categoricals)
-    add_history_features (per user, time order) -> log_dt, hour, dow, device_new, country_foreign
+    add_history_features (per user, time order) -> log_dt, hour, dow, device_new, device_age, country_foreign
     assign_split      -> train / val / test by a stable hash of user_id
     tokenize          -> int ids per field from the fitted tokenizer (`plm.data.tokenizer`)
     build_windows     -> one row per window of a user's time-ordered events (lists per field)
@@ -179,13 +179,16 @@ def add_history_features(events: DataFrame) -> DataFrame:
     - `dt_seconds`: seconds since the user's previous event (null on the first), `hour`, `dow`
       (UTC; Monday = 0), `ts_us` (epoch microseconds);
     - `device_new`: "true" on the first event of the user with this device, else "false"
-      (null device -> null = MISSING); `device_id` is dropped here and never reaches outputs;
+      (null device -> null = MISSING); `device_age`: seconds since that first event (null
+      without a device); `device_id` is dropped here and never reaches outputs;
     - `country_foreign`: the event's country differs from the user's home country, the first
       non-null country in the user's history (causal: known from the first event on).
 
     All three windows share one partitioning and order, so Spark sorts the events once.
     """
     by_user = Window.partitionBy("user_id").orderBy(*_merge_order())
+    # clustered by user already: this window adds a sort, not a shuffle
+    by_device = Window.partitionBy("user_id", "device_id")
     before = by_user.rowsBetween(Window.unboundedPreceding, -1)
     whole = by_user.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
     ts_us = F.unix_micros("ts")
@@ -200,6 +203,12 @@ def add_history_features(events: DataFrame) -> DataFrame:
             "device_new",
             F.when(F.col("device_id").isNull(), F.lit(None).cast("string")).otherwise(
                 F.when(F.array_contains(seen_devices, F.col("device_id")), F.lit("false")).otherwise(F.lit("true"))
+            ),
+        )
+        .withColumn(
+            "device_age",
+            F.when(F.col("device_id").isNull(), F.lit(None).cast("double")).otherwise(
+                (F.col("ts_us") - F.min("ts_us").over(by_device)) / F.lit(1e6)
             ),
         )
         .withColumn(

@@ -203,17 +203,23 @@ NUMERIC_FIELDS: tuple[Field, ...] = (
         "numeric",
         "log1p(seconds since the user's previous event); MISSING on the first event",
     ),
+    Field(
+        "device_age",
+        {"payments": "device_age", "logins": "device_age"},
+        "numeric",
+        "seconds since the user's first event on this device (0 on that event); value = log1p; MISSING without a device",
+    ),
 )
 
 ALL_FIELDS = CATEGORICAL_FIELDS + NUMERIC_FIELDS
 FIELD_BY_NAME = {f.name: f for f in ALL_FIELDS}
 
 # Numeric fields whose continuous value is log1p(x) before standardisation (log_dt is already a log).
-LOG_VALUE_FIELDS = ("amount", "n_items")
+LOG_VALUE_FIELDS = ("amount", "n_items", "device_age")
 
 # --------------------------------------------------------------------------- prepared shards
 
-SHARD_FORMAT_VERSION = "1.0"
+SHARD_FORMAT_VERSION = "1.1"  # 1.1: device_age
 SPLITS = ("train", "val", "test")
 
 

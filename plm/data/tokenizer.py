@@ -45,7 +45,7 @@ from plm.data.schema import (
     value_column,
 )
 
-TOKENIZER_FORMAT_VERSION = "1.0"
+TOKENIZER_FORMAT_VERSION = "1.1"  # 1.1: device_age
 
 
 @dataclass
@@ -287,7 +287,7 @@ def unify(kept: dict[str, pa.Table]) -> pa.Table:
 
 def history_features(events: pa.Table) -> pa.Table:
     """Sort in merge order (user, ts, source, event_id) and add ts_us, dt_seconds, hour, dow,
-    device_new, country_foreign (like `data_prep.transforms.add_history_features`)."""
+    device_new, device_age, country_foreign (like `data_prep.transforms.add_history_features`)."""
     events = events.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("type_order", "ascending"), ("event_id", "ascending")])
     n = events.num_rows
     user_codes = pc.dictionary_encode(events.column("user_id")).combine_chunks().indices.to_numpy()
@@ -305,9 +305,10 @@ def history_features(events: pa.Table) -> pa.Table:
     dev_null = pc.is_null(dev).to_numpy(zero_copy_only=False)
     dev_codes = pc.dictionary_encode(pc.fill_null(dev, "")).combine_chunks().indices.to_numpy().astype(np.int64)
     key = user_codes.astype(np.int64) * (int(dev_codes.max(initial=0)) + 1) + dev_codes
-    _, first_idx = np.unique(key, return_index=True)
+    _, first_idx, inverse = np.unique(key, return_index=True, return_inverse=True)
     device_new = np.zeros(n, dtype=bool)
     device_new[first_idx] = True
+    device_age = (ts_us - ts_us[first_idx][inverse.reshape(-1)]) / 1e6  # rows are in time order
 
     country = events.column("country")
     c_null = pc.is_null(country).to_numpy(zero_copy_only=False)
@@ -328,6 +329,7 @@ def history_features(events: pa.Table) -> pa.Table:
         .append_column("hour", pa.array(hour.astype(str).astype(object), pa.string()))
         .append_column("dow", pa.array(dow.astype(str).astype(object), pa.string()))
         .append_column("device_new", tf(device_new, dev_null))
+        .append_column("device_age", pa.array(device_age, pa.float64(), mask=dev_null))
         .append_column("country_foreign", tf(foreign, c_null))
     )
 

@@ -53,7 +53,7 @@ def test_datamodule_reads_manifest_and_tokenizer(prepared):
     from plm.data.tokenizer import Tokenizer
 
     assert d.vocab_sizes == Tokenizer.load(prepared / "tokenizer.json").vocab_sizes()
-    assert d.numeric_fields == ("amount", "n_items", "log_dt")
+    assert d.numeric_fields == ("amount", "n_items", "log_dt", "device_age")
     assert d.config.max_len == 12 and d.config.batch_mode == "packed"
     train = d.train_dataloader()
     n = len(train)

@@ -142,6 +142,7 @@ def test_history_features_device_and_country():
     ev = history_features(unify(kept)).to_pylist()
     assert [e["event_id"] for e in ev] == ["p1", "l1", "p2", "p3"]
     assert [e["device_new"] for e in ev] == ["true", "true", "false", None]
+    assert [e["device_age"] for e in ev] == [0.0, 0.0, 24 * 3600.0, None]  # seconds since the device's first event
     assert [e["country_foreign"] for e in ev] == ["false", "false", "true", None]
     assert ev[0]["dt_seconds"] is None and ev[1]["dt_seconds"] == 23 * 3600.0
     assert [e["dow"] for e in ev[:1]] == ["0"]  # 2024-01-01 was a Monday
