@@ -105,6 +105,24 @@ def relative_seconds(ts: Tensor, valid: Tensor | None, segment_ids: Tensor | Non
     return rel.double() / 1e6
 
 
+def previous_gap_seconds(ts: Tensor, valid: Tensor | None, segment_ids: Tensor | None) -> Tensor:
+    """(B, T) float64 seconds since the previous real event of the same sequence (0 for the first
+    event of a sequence and for padding); the difference is taken in int64 microseconds."""
+    ts = ts.long()
+    prev = torch.cat([ts[:, :1], ts[:, :-1]], dim=1)
+    same = torch.ones_like(ts, dtype=torch.bool)
+    same[:, 0] = False
+    if valid is not None:
+        shifted = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
+        same = same & valid & shifted
+    if segment_ids is not None:
+        seg = segment_ids.long()
+        shifted = torch.cat([torch.zeros_like(seg[:, :1]), seg[:, :-1]], dim=1)
+        same = same & (seg == shifted) & (seg != 0)
+    gap = torch.where(same, (ts - prev).clamp(min=0), torch.zeros_like(ts))
+    return gap.double() / 1e6
+
+
 def sequence_index(batch: dict[str, Tensor], valid: Tensor | None) -> tuple[Tensor, int]:
     """(B, T) long index of each event's sequence in the flat list of sequences, and N.
 

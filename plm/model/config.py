@@ -36,6 +36,11 @@ class EmbeddingConfig:
     norm: bool = True  # normalise the combined event vector (model's norm type)
     dropout: float = 0.0  # dropout on the event vector
     exclude_fields: str = ""  # comma-separated fields to leave out (ablation), e.g. "merchant,mcc"
+    # Time gap as an input (encoders): "none" or "periodic" = learned-frequency sin/cos of
+    # log1p(seconds since the previous event of the sequence, from `ts`), added to the event
+    # vector. Unlike time RoPE (which only shapes attention weights) it writes the gap into the
+    # representation, also for masked events and for the as-of query of plm-export.
+    time_gap: str = "none"
 
 
 @dataclass
@@ -170,6 +175,7 @@ class ModelConfig:
         e = self.embedding
         check(e.numeric in ("bin", "linear", "periodic", "both"), f"unknown embedding.numeric '{e.numeric}'")
         check(e.combine in ("sum", "concat"), f"unknown embedding.combine '{e.combine}'")
+        check(e.time_gap in ("none", "periodic"), f"unknown embedding.time_gap '{e.time_gap}'")
         if e.field_mixer_layers:
             w = self.d_model if e.combine == "sum" else e.field_dim
             check(w % e.field_mixer_heads == 0, f"field mixer width {w} not divisible by field_mixer_heads")

@@ -18,12 +18,21 @@ import torch
 from torch import Tensor, nn
 
 from plm.model.attention import AttnContext, KVCache
-from plm.model.batch import batch_shape, event_positions, relative_seconds, sequence_index, valid_mask
+from plm.model.batch import (
+    batch_shape,
+    event_positions,
+    previous_gap_seconds,
+    relative_seconds,
+    sequence_index,
+    valid_mask,
+)
 from plm.model.config import ModelConfig
-from plm.model.embedding import EventEmbedding
+from plm.model.embedding import EventEmbedding, PeriodicValue
 from plm.model.heads import EventHeads, ProjectionHead
 from plm.model.layers import Block, MoE, make_norm
 from plm.model.positions import PositionEncoding
+
+GAP_SCALE = 4.0  # log1p(seconds) / GAP_SCALE: 0..~4.3 for gaps up to a year
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -92,6 +101,11 @@ class EventTransformer(nn.Module):
         self.embed = EventEmbedding(self.field_vocab_sizes, self.numeric_fields, cfg.d_model, cfg.embedding,
                                     cfg.norm, cfg.norm_eps)
         self.positions = PositionEncoding(cfg, causal=self.causal)
+        e = cfg.embedding
+        if e.time_gap != "none" and self.causal:
+            raise ValueError("embedding.time_gap is an encoder option (the decoder's KV-cached generation "
+                             "does not carry the previous event's time); use position.rope=time|both")
+        self.time_gap = PeriodicValue(cfg.d_model, e.n_frequencies, e.frequency_scale) if e.time_gap == "periodic" else None
         f = cfg.ffn
         self.blocks = nn.ModuleList(
             Block(cfg, moe=f.n_experts > 0 and i % f.moe_every == f.moe_every - 1) for i in range(cfg.n_layers)
@@ -131,6 +145,11 @@ class EventTransformer(nn.Module):
             pos = event_positions(batch, valid)  # (B, T)
         seconds = relative_seconds(batch["ts"], valid, seg) if self.positions.needs_time else None
         x = self.embed(batch)  # (B, T, d)
+        if self.time_gap is not None:
+            if "ts" not in batch:
+                raise ValueError("embedding.time_gap needs `ts` in the batch")
+            gap = previous_gap_seconds(batch["ts"], valid, seg)
+            x = x + self.time_gap((torch.log1p(gap) / GAP_SCALE).to(x.dtype))
         if valid is not None:
             x = x * valid[..., None].to(x.dtype)  # padding never contributes
         return x, pos, seconds, valid, seg

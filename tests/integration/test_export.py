@@ -118,6 +118,7 @@ def test_as_of_pooling_is_the_state_of_a_masked_query_at_the_cutoff(trained, tmp
     from plm.data.collate import collate_windows
     from plm.export.model import append_as_of
     from plm.export.run import iso_us
+    from plm.model import PLMEncoder
     from plm.model.batch import MASK
 
     prep, ckpt = trained
@@ -165,11 +166,28 @@ def test_as_of_pooling_is_the_state_of_a_masked_query_at_the_cutoff(trained, tmp
     assert onnx["agreement"]["onnx_fp32_vs_fp32"]["cosine_min"] > 0.99999
     assert onnx["inputs"][-1] == {"name": "as_of", "shape": ["batch"], "dtype": "int64"}
 
+    # a time-gap encoder (the cpu-small preset) through ONNX with the as-of input
+    import onnxruntime as ort
+
+    from plm.export.model import export_onnx, onnx_input_names
+
+    cfg_gap = replace(loaded.model.cfg, embedding=replace(loaded.model.cfg.embedding, time_gap="periodic"))
+    torch.manual_seed(0)
+    gap_emb = Embedder(PLMEncoder(cfg_gap, loaded.vocab_sizes, loaded.numeric_fields).eval(), "mean_asof",
+                       as_of_us=iso_us(CUTOFF))
+    names = onnx_input_names(loaded.vocab_sizes, loaded.numeric_fields, as_of=True)
+    sample = dict(tensors, as_of=torch.full((len(batch["user_id"]),), iso_us(CUTOFF)))
+    assert not bool(sample["attention_mask"].all())
+    export_onnx(gap_emb, sample, names, tmp_path / "gap.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "gap.onnx"), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in sess.get_inputs()}
+    got_onnx = sess.run(None, {n: sample[n].numpy() for n in names if n in wanted})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got_onnx, gap_emb(sample).numpy(), rtol=1e-4, atol=1e-4)
+
     assert not loaded.as_of_query and Embedder(loaded.model, "model").pooling == "mean"
     assert Embedder(loaded.model, "model", as_of_query=True).pooling == "mean_asof"  # trained with last_prob
     cfg = loaded.model.cfg
-    from plm.model import PLMEncoder
-
     cfg2 = replace(cfg, position=replace(cfg.position, rope="index"))
     with pytest.raises(ValueError, match="needs time-aware positions"):
         Embedder(PLMEncoder(cfg2, loaded.vocab_sizes, loaded.numeric_fields), "asof")

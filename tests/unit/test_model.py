@@ -260,6 +260,49 @@ def test_time_shift_invariance_and_gap_sensitivity():
     close(plain(gap).hidden, plain(b).hidden, atol=0)
 
 
+def test_time_gap_embedding_reads_gaps_within_each_sequence():
+    """embedding.time_gap=periodic: the gap since the previous event of the same sequence enters the
+    event vector (an index-only model then sees time); padding, packing and a constant shift of a
+    sequence's times change nothing; decoders refuse it."""
+    from plm.model.batch import previous_gap_seconds
+
+    ts = torch.tensor([[0, 5_000_000, 7_000_000, 0], [10, 10, 3_000_010, 4_000_010]])
+    valid = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    seg = torch.tensor([[1, 1, 1, 0], [1, 1, 2, 2]])
+    assert previous_gap_seconds(ts, valid, None).tolist() == [[0, 5, 2, 0], [0, 0, 3, 1]]
+    assert previous_gap_seconds(ts, valid, seg).tolist() == [[0, 5, 2, 0], [0, 0, 0, 1]]
+    torch.manual_seed(0)
+    c = cfg(PositionConfig(rope="index"))
+    c.embedding.time_gap = "periodic"
+    enc = PLMEncoder(c, TOY_VOCAB, TOY_NUMERIC).eval()
+    src = random_batch(B=3, T=9, seed=1)
+    seqs = [take(src, 0, 0, 5), take(src, 1, 0, 9), take(src, 2, 0, 3)]
+    alone = [enc(stack([s])).hidden[0] for s in seqs]
+    for s, a in zip(seqs, alone):
+        close(enc(pad_right(s, 12)).hidden[0, : len(s["ts"])], a)
+        shifted = dict(s)
+        shifted["ts"] = s["ts"] + 10**15
+        close(enc(stack([shifted])).hidden[0], a)
+    packed = pack_sequences(seqs, 12)
+    out = enc(packed).hidden
+    for r in range(out.shape[0]):
+        for sid in range(1, int(packed["segment_ids"][r].max()) + 1):
+            h = out[r, packed["segment_ids"][r] == sid]
+            assert any(h.shape == a.shape and torch.allclose(h, a, atol=2e-5, rtol=1e-4) for a in alone)
+    b = random_batch(B=2, T=8, seed=8)
+    gap = dict(b)
+    gap["ts"] = b["ts"].clone()
+    gap["ts"][0, 4:] += 7_200 * 10**6
+    ref, got = enc(b).hidden, enc(gap).hidden
+    assert not torch.allclose(got[0], ref[0], atol=1e-4)
+    close(got[1], ref[1])
+    with pytest.raises(ValueError, match="time_gap is an encoder option"):
+        PLMDecoder(c, TOY_VOCAB, TOY_NUMERIC)
+    c.embedding.time_gap = "linear"
+    with pytest.raises(ValueError, match="unknown embedding.time_gap"):
+        c.validate()
+
+
 def test_time_shift_invariance_in_packed_rows():
     torch.manual_seed(0)
     enc = PLMEncoder(cfg(TIME_AWARE), TOY_VOCAB, TOY_NUMERIC).eval()
