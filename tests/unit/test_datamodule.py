@@ -89,7 +89,7 @@ def test_errors_name_the_problem(prepared, tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json not found.*written by plm-prep"):
         PLMDataModule(str(tmp_path / "empty"))
     old = write_prepared(tmp_path / "old", format_version="0.9")
-    with pytest.raises(ValueError, match=r"format_version '0.9' is not supported .*'1.0'"):
+    with pytest.raises(ValueError, match=r"format_version '0.9' is not supported .*'1.1'"):
         PLMDataModule(str(old))
     d = dm(prepared)
     with pytest.raises(ValueError, match=r"split 'test' has no shards \(0 windows\)"):
