@@ -333,11 +333,19 @@ def _lookup_categorical(events: DataFrame, field, values: list[str]) -> tuple[Da
             known = F.lit(None).cast("int")
         idcol = F.coalesce(known, F.lit(OOV))
     else:
+        import pyarrow as pa
+
         spark = events.sparkSession
         key = f"_k_{field.name}"
+        # from an Arrow table: the JVM reads it directly, where a list of rows would start a
+        # Python worker to pickle them (seconds on a busy machine)
         vocab = spark.createDataFrame(
-            [(v, N_SPECIALS + i) for i, v in enumerate(values)],
-            schema=T.StructType([T.StructField(key, T.StringType()), T.StructField(f"_id_{field.name}", T.IntegerType())]),
+            pa.table(
+                {
+                    key: pa.array(values, pa.string()),
+                    f"_id_{field.name}": pa.array(range(N_SPECIALS, N_SPECIALS + len(values)), pa.int32()),
+                }
+            )
         )
         events = events.join(F.broadcast(vocab), src == F.col(key), "left").drop(key)
         idcol = F.coalesce(F.col(f"_id_{field.name}"), F.lit(OOV))
@@ -377,10 +385,6 @@ def token_columns() -> list[str]:
     return cols
 
 
-def _getter(name: str):
-    return lambda x: x[name]
-
-
 def build_windows(tokens: DataFrame, max_events: int, stride: int) -> DataFrame:
     """Tokenised events -> one row per window of a user's events in merge order.
 
@@ -415,6 +419,8 @@ def build_windows(tokens: DataFrame, max_events: int, stride: int) -> DataFrame:
         "window_start",
         "history_len",
         F.size("w").cast("int").alias("n_events"),
-        F.transform("w", lambda x: x["ts_us"]).alias("ts"),
-        *[F.transform("w", _getter(c)).alias(c) for c in cols],
+        # `w.field` of an array of structs is the array of that field (GetArrayStructFields,
+        # generated code); `transform` with a lambda would be evaluated interpreted, per element.
+        F.col("w").getField("ts_us").alias("ts"),
+        *[F.col("w").getField(c).alias(c) for c in cols],
     )
