@@ -192,7 +192,8 @@ def canonicalize(table: pa.Table, source: str) -> pa.Table:
     return pa.table(cols, names=names)
 
 
-def _ts_scalar_us(value: str) -> int:
+def iso_us(value: str) -> int:
+    """ISO-8601 UTC time ("...Z", "+00:00" or naive) -> epoch microseconds."""
     return int(np.datetime64(value.replace("Z", "").replace("+00:00", ""), "us").astype(np.int64))
 
 
@@ -215,7 +216,7 @@ def clean_source(
     conflicted = per_event.filter(pc.greater(per_event.column("event_id_count"), 1)).column("event_id")
     ts = distinct.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
     null_ts = pc.is_null(distinct.column("ts")).to_numpy(zero_copy_only=False)
-    lo, hi = _ts_scalar_us(ts_min), _ts_scalar_us(ts_max)
+    lo, hi = iso_us(ts_min), iso_us(ts_max)
     checks: list[tuple[str, np.ndarray]] = [
         ("null_event_id", pc.is_null(ev).to_numpy(zero_copy_only=False)),
         ("null_user_id", pc.is_null(distinct.column("user_id")).to_numpy(zero_copy_only=False)),
@@ -397,7 +398,7 @@ def encode_raw(
             continue
         k, _, _ = clean_source(t, source, ts_min, ts_max)
         if cutoff is not None:
-            k = k.filter(pc.less(k.column("ts").cast(pa.int64()), _ts_scalar_us(cutoff)))
+            k = k.filter(pc.less(k.column("ts").cast(pa.int64()), iso_us(cutoff)))
         if k.num_rows:
             kept[source] = k
     if not kept:

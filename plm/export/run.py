@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from plm.data.tokenizer import iso_us
 from plm.export.config import FORMATS, INDEXES, QUANTIZE, ExportConfig
 from plm.export.model import (
     POOLINGS,
@@ -86,7 +87,7 @@ def embedding_table(user_ids: list[str], emb: np.ndarray, n_events: np.ndarray, 
                     schema: pa.Schema) -> pa.Table:
     n, d = emb.shape
     flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1), pa.float32())
-    as_of = np.datetime64(identity["as_of"].replace("Z", "").replace("+00:00", ""), "us")
+    as_of = iso_us(identity["as_of"])
     cols = [
         pa.array(user_ids, pa.string()),
         pa.FixedSizeListArray.from_arrays(flat, d),
@@ -96,7 +97,7 @@ def embedding_table(user_ids: list[str], emb: np.ndarray, n_events: np.ndarray, 
         pa.array([identity["checkpoint"]] * n, pa.string()),
         pa.array([identity["tokenizer_sha256"]] * n, pa.string()),
         pa.array([identity["pooling"]] * n, pa.string()),
-        pa.array(np.full(n, as_of), pa.timestamp("us", tz="UTC")),
+        pa.array(np.full(n, as_of, dtype=np.int64), pa.timestamp("us", tz="UTC")),
     ]
     return pa.Table.from_arrays(cols, schema=schema)
 
@@ -172,11 +173,6 @@ def training_max_len(loaded: LoadedModel, manifest: dict) -> int:
     """The sequence length the checkpoint was trained/evaluated with (final.pt records it), else
     the prepared windows' max_events."""
     return loaded.max_len or int(manifest["config"]["max_events"])
-
-
-def iso_us(ts: str) -> int:
-    """ISO-8601 UTC time ("...Z" or "+00:00") -> epoch microseconds."""
-    return int(np.datetime64(ts.replace("Z", "").replace("+00:00", ""), "us").astype(np.int64))
 
 
 def model_identity(loaded: LoadedModel, tok_sha: str, cutoff: str, embedder: Embedder, cfg: ExportConfig) -> dict:

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import torch
 
 from plm.data.collate import collate_windows
-from plm.data.tokenizer import Tokenizer, encode_raw
+from plm.data.tokenizer import Tokenizer, encode_raw, iso_us
 from plm.export.model import Embedder, LoadedModel, load_checkpoint, quantize_int8
 
 
@@ -84,8 +84,6 @@ class UserEmbedder:
             return None
         if as_of is None:
             raise ValueError(f"pooling={self.embedder.pooling} embeds users as of a time: pass {what}")
-        from plm.export.run import iso_us
-
         return iso_us(as_of)
 
     def embed_raw(self, tables: dict[str, pa.Table | None], cutoff: str | None = None) -> pa.Table:
