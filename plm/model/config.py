@@ -114,6 +114,9 @@ class HeadsConfig:
     time_max_gap: float = 31_536_000.0  # seconds; largest gap of the binned head
     projection_dim: int = 0  # encoder projection head for contrastive learning; 0 = none
     exclude_fields: str = ""  # comma-separated fields without a prediction head
+    # Per-event "was this event swapped in from another sequence?" logit (ELECTRA-style
+    # replaced-event detection, trained by objective.masked.replace_prob > 0).
+    replaced: bool = False
 
 
 @dataclass

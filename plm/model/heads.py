@@ -129,11 +129,13 @@ class EventPredictions:
     values: {numeric field: (B, T)} regression of the standardised value (numeric_regression).
     time: parameters of the time head: lognormal {"logits", "mu", "log_sigma"} each (B, T, K);
         binned {"logits"} (B, T, n_bins); empty when heads.time = "none".
+    replaced: (B, T) logit that the event was swapped in from another sequence (heads.replaced).
     """
 
     logits: dict[str, Tensor] = field(default_factory=dict)
     values: dict[str, Tensor] = field(default_factory=dict)
     time: dict[str, Tensor] = field(default_factory=dict)
+    replaced: Tensor | None = None
 
 
 class TiedLogits(nn.Module):
@@ -180,6 +182,7 @@ class EventHeads(nn.Module):
             self.time = BinnedTime(d_model, cfg.time_bins, cfg.time_max_gap)
         else:
             self.time = None
+        self.replaced = nn.Linear(d_model, 1) if cfg.replaced else None
 
     def forward(self, h: Tensor) -> EventPredictions:
         g = self.tie_proj(h) if self.tie_proj is not None else None
@@ -187,6 +190,7 @@ class EventHeads(nn.Module):
             logits={f: head(g if f in self.tied else h) for f, head in self.logits.items()},
             values={f: head(h)[..., 0] for f, head in self.values.items()},
             time=self.time(h) if self.time is not None else {},
+            replaced=self.replaced(h)[..., 0] if self.replaced is not None else None,
         )
 
 

@@ -19,6 +19,11 @@ class MaskedConfig:
     regression_weight: float = 1.0  # weight of the numeric-value MSE (0 = CE on bins only)
     last_prob: float = 0.0  # probability to mask the last event of each sequence (the as-of query)
     last_jitter: bool = False  # that event's time drawn between the previous event and its own
+    # replaced-event detection (needs model.heads.replaced=true): swap this fraction of the
+    # unmasked events for events of other sequences and predict which were swapped
+    replace_prob: float = 0.0
+    replace_weight: float = 1.0  # weight of its binary cross-entropy
+    replace_keep: str = "log_dt,hour,dow"  # comma-separated fields a swapped event keeps (time-derived)
 
 
 @dataclass

@@ -22,8 +22,10 @@ def build_objectives(cfg: ObjectiveConfig) -> list[tuple[str, float, Any]]:
     out = []
     if cfg.masked.weight > 0:
         m = cfg.masked
+        keep = tuple(f.strip() for f in m.replace_keep.split(",") if f.strip())
         out.append(("masked", m.weight, MaskedEventObjective(m.event_prob, m.field_prob, m.regression_weight,
-                                                                m.last_prob, m.last_jitter)))
+                                                                m.last_prob, m.last_jitter, m.replace_prob,
+                                                                m.replace_weight, keep)))
     if cfg.contrastive.weight > 0:
         c = cfg.contrastive
         out.append(("contrastive", c.weight, ContrastiveObjective(c.temperature, c.min_frac, c.max_frac, c.min_len,
@@ -51,6 +53,8 @@ def freeze_unused(model, cfg: ObjectiveConfig, names: list[str]) -> list[str]:
     uses_pooled = "contrastive" in names
     if getattr(heads, "time", None) is not None and not uses_time:
         off.append(heads.time)
+    if getattr(heads, "replaced", None) is not None and not ("masked" in names and cfg.masked.replace_prob > 0):
+        off.append(heads.replaced)
     if not uses_values:
         off.extend(heads.values.values())
     for name in ("projection", "pool_query"):
@@ -93,12 +97,26 @@ class PretrainModule(pl.LightningModule):
         mcfg = model_config_from_dict(model_cfg)
         if any(o[0] == "contrastive" for o in self.objectives) and mcfg.heads.projection_dim == 0:
             pass  # pooled embedding used directly
+        if self.obj_cfg.masked.weight > 0 and self.obj_cfg.masked.replace_prob > 0 and not mcfg.heads.replaced:
+            raise ValueError("objective.masked.replace_prob > 0 needs the replaced-event head: "
+                             "set model.heads.replaced=true")
+        unknown = [f for f in self.objectives_keep() if f not in vocab_sizes]
+        if unknown:
+            raise ValueError(f"objective.masked.replace_keep: unknown field(s) {unknown} "
+                             f"(fields: {sorted(vocab_sizes)})")
         cls = PLMDecoder if arch == "decoder" else PLMEncoder
         self.net = PretrainNet(cls(mcfg, dict(vocab_sizes), list(numeric_fields)))
         self.frozen = freeze_unused(self.net.model, self.obj_cfg, [o[0] for o in self.objectives])
         self.seed = mask_seed
         self._val_ce: dict[str, list[Tensor]] = {}
         self._sharded = False
+
+    def objectives_keep(self) -> tuple[str, ...]:
+        """Fields a swapped event keeps (objective.masked.replace_keep), when swapping is on."""
+        m = self.obj_cfg.masked
+        if not (m.weight > 0 and m.replace_prob > 0):
+            return ()
+        return tuple(f.strip() for f in m.replace_keep.split(",") if f.strip())
 
     @property
     def model(self):

@@ -153,17 +153,30 @@ class MaskedEventObjective:
     model learns the query `plm-export pooling=asof` asks at the cut-off (an all-MASK event at a
     known time after the history: what comes next?). `last_jitter`: that event's time is drawn
     uniformly between the previous event and its own (a censored gap, like the time since the
-    last event at an as-of date) while its fields, the gap bin included, stay the targets."""
+    last event at an as-of date) while its fields, the gap bin included, stay the targets.
+
+    `replace_prob` (ELECTRA-style replaced-event detection, in the same forward pass): this
+    fraction of the events that are not masked is swapped for an event of another sequence of the
+    batch (every field and value except `replace_keep`, the fields derived from the event's own
+    time, so the swap cannot be spotted from its clock), and the model's `heads.replaced` logit
+    predicts, for every real unmasked event, whether it was swapped (binary cross-entropy,
+    weight `replace_weight`). It asks each event's state to say how well the event fits its
+    user's history: what a fraud team wants from an embedding (an out-of-profile burst)."""
 
     name = "masked"
 
     def __init__(self, event_prob: float = 0.15, field_prob: float = 0.0, regression_weight: float = 1.0,
-                 last_prob: float = 0.0, last_jitter: bool = False):
+                 last_prob: float = 0.0, last_jitter: bool = False, replace_prob: float = 0.0,
+                 replace_weight: float = 1.0, replace_keep: tuple[str, ...] = ("log_dt", "hour", "dow")):
         if not all(0 <= p <= 1 for p in (event_prob, field_prob, last_prob)) or event_prob + field_prob + last_prob <= 0:
             raise ValueError(f"masked: need 0 <= event_prob, field_prob, last_prob <= 1, not all 0 "
                              f"(got {event_prob}, {field_prob}, {last_prob})")
+        if not 0 <= replace_prob < 1 or replace_weight < 0:
+            raise ValueError(f"masked: need 0 <= replace_prob < 1 and replace_weight >= 0 "
+                             f"(got {replace_prob}, {replace_weight})")
         self.event_prob, self.field_prob, self.regression_weight = event_prob, field_prob, regression_weight
         self.last_prob, self.last_jitter = last_prob, last_jitter
+        self.replace_prob, self.replace_weight, self.replace_keep = replace_prob, replace_weight, tuple(replace_keep)
 
     def last_events(self, batch: dict[str, Tensor], generator) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T) bool: the last event of each sequence, chosen with prob `last_prob`; and the
@@ -214,6 +227,32 @@ class MaskedEventObjective:
                 masks[f] = masks[f].reshape(-1).clone().index_fill_(0, first, True).view_as(valid)
         return masks
 
+    def replace_events(self, batch: dict[str, Tensor], fields: list[str], eligible: Tensor,
+                       generator) -> tuple[dict[str, Tensor], Tensor]:
+        """Swap each `eligible` event with prob `replace_prob` for a uniformly drawn real event of
+        another sequence of the batch (fields and values, not `replace_keep`, not `ts`). Returns
+        the new batch and the (B, T) bool map of swapped events (a draw from the event's own
+        sequence is dropped, so every True really is foreign)."""
+        valid = _valid(batch)
+        B, T = valid.shape
+        seq = sequence_index(batch, valid if valid_mask(batch) is not None else None)[0].reshape(-1)
+        pool = valid.reshape(-1).nonzero().squeeze(1)
+        dst = ((_rand((B, T), generator, valid.device) < self.replace_prob) & eligible & valid).reshape(-1)
+        dst = dst.nonzero().squeeze(1)
+        src = pool[(_rand(dst.shape, generator, valid.device) * len(pool)).long().clamp(max=max(len(pool) - 1, 0))]
+        foreign = seq[src] != seq[dst]
+        dst, src = dst[foreign], src[foreign]
+        out = dict(batch)
+        keys = [f for f in fields if f not in self.replace_keep]
+        keys += [value_key(f) for f in keys if value_key(f) in batch]
+        for k in keys:
+            x = batch[k].reshape(-1).clone()
+            x[dst] = x[src]
+            out[k] = x.view(B, T)
+        swapped = torch.zeros(B * T, dtype=torch.bool, device=valid.device)
+        swapped[dst] = True
+        return out, swapped.view(B, T)
+
     @staticmethod
     def apply_masks(batch: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
         out = dict(batch)
@@ -232,10 +271,26 @@ class MaskedEventObjective:
             if self.last_jitter and "ts" in batch:
                 inputs = self.jitter_times(batch, r, c, generator)
         masks = self.make_masks(batch, fields, generator, last)
+        swapped = None
+        if self.replace_prob > 0:
+            masked_any = torch.stack(list(masks.values())).any(0)
+            inputs, swapped = self.replace_events(inputs, fields, ~masked_any, generator)
         out, pred, _ = run_net(model, self.apply_masks(inputs, masks))
         targets = {f: batch[f] for f in fields}
         values = {f: batch[value_key(f)] for f in fields if value_key(f) in batch}
         res = field_losses(pred.logits, pred.values, targets, values, masks, "masked", self.regression_weight)
+        if swapped is not None:
+            if pred.replaced is None:
+                raise ValueError("objective.masked.replace_prob > 0 needs the replaced-event head: "
+                                 "set model.heads.replaced=true")
+            sel = _valid(batch) & ~masked_any
+            logit, target = pred.replaced[sel].float(), swapped[sel].float()
+            bce = F.binary_cross_entropy_with_logits(logit, target) if logit.numel() else pred.replaced.sum() * 0.0
+            res.loss = res.loss + self.replace_weight * bce
+            res.metrics["masked/replaced_loss"] = bce.detach()
+            res.metrics["masked/replaced_acc"] = ((logit > 0).float() == target).float().mean().detach() \
+                if logit.numel() else torch.zeros(())
+            res.metrics["masked/replaced_fraction"] = target.mean().detach() if logit.numel() else torch.zeros(())
         res.metrics["masked/fraction"] = torch.stack([m.float().sum() for m in masks.values()]).sum().detach() / (
             len(masks) * _valid(batch).sum().clamp(min=1))
         res.aux = out.aux_loss  # type: ignore[attr-defined]

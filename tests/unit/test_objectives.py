@@ -148,6 +148,58 @@ def test_last_event_query_masks_each_sequence_end_and_censors_its_time():
     assert torch.isfinite(res.loss)
 
 
+def test_replaced_events_come_from_other_sequences_and_train_the_detector():
+    """replace_prob swaps only real, eligible events, each for an event of another sequence
+    (every field but the kept ones, never ts); the head learns to spot them; the objective
+    refuses a model without the head."""
+    from plm.model.batch import sequence_index
+
+    fields = list(TOY_VOCAB)
+    keep = (fields[0],)
+    obj = MaskedEventObjective(0.15, 0.0, replace_prob=0.5, replace_keep=keep)
+    for b in (padded_batch(), packed_batch()):
+        valid = _valid_of(b)
+        eligible = torch.rand(valid.shape, generator=torch.Generator().manual_seed(1)) < 0.7
+        out, swapped = obj.replace_events(b, fields, eligible, torch.Generator().manual_seed(0))
+        assert swapped.any() and not (swapped & ~(eligible & valid)).any()
+        assert torch.equal(out["ts"], b["ts"]) and torch.equal(out[keep[0]], b[keep[0]])
+        seq = sequence_index(b, b.get("attention_mask"))[0]
+        others = [f for f in fields if f != keep[0]]
+        for r, c in swapped.nonzero().tolist():
+            # the swapped-in event is a real event of another sequence, all its fields at once
+            same = torch.ones_like(valid)
+            for f in others:
+                same &= b[f] == out[f][r, c]
+                vk = value_key(f)
+                if vk in b:
+                    same &= b[vk] == out[vk][r, c]
+            assert (same & valid & (seq != seq[r, c])).any()
+        for f in others:  # untouched events keep their content
+            assert torch.equal(out[f][~swapped], b[f][~swapped])
+    cfg = tiny_cfg()
+    cfg.heads.replaced = True
+    torch.manual_seed(0)
+    model = PLMEncoder(cfg, TOY_VOCAB, list(TOY_NUMERIC))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    learn = MaskedEventObjective(0.15, 0.0, replace_prob=0.25)  # keeps log_dt, hour, dow
+    losses = []
+    for step in range(100):
+        b = random_batch(B=8, T=12, seed=step % 4)
+        for f in ("merchant", "event_type", "hour", "dow"):  # a profile per user (hour, dow: kept)
+            b[f] = N_SPECIALS + torch.arange(8)[:, None].expand(8, 12) % (TOY_VOCAB[f] - N_SPECIALS)
+        res = learn(model, b, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        res.loss.backward()
+        opt.step()
+        losses.append(float(res.metrics["masked/replaced_loss"]))
+    assert 0.1 < float(res.metrics["masked/replaced_fraction"]) < 0.9
+    assert sum(losses[:10]) / 10 > 0.45 and sum(losses[-10:]) / 10 < 0.2  # the detector learns
+    import pytest
+
+    with pytest.raises(ValueError, match="model.heads.replaced=true"):
+        obj(PLMEncoder(tiny_cfg(), TOY_VOCAB, list(TOY_NUMERIC)), padded_batch(), torch.Generator())
+
+
 def _valid_of(b):
     return b["attention_mask"] if "attention_mask" in b else b["segment_ids"] != 0
 
@@ -246,3 +298,32 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_lambda(9, 10, 100, 0.1) == 1.0
     assert abs(lr_lambda(100, 10, 100, 0.1) - 0.1) < 1e-9
     assert 0.1 < lr_lambda(55, 10, 100, 0.1) < 1.0
+
+
+def test_replaced_event_config_is_checked_and_the_unused_head_frozen():
+    """The module refuses replace_prob without the head and an unknown kept field; with the
+    head but no swapping, the head is frozen (no unused trainable parameters under DDP)."""
+    from dataclasses import asdict
+
+    import pytest
+
+    from plm.train.config import ObjectiveConfig
+    from plm.train.module import PretrainModule
+
+    def module(replaced: bool, **masked):
+        cfg = tiny_cfg()
+        cfg.heads.replaced = replaced
+        obj = ObjectiveConfig()
+        obj.masked.weight = 1.0
+        for k, v in masked.items():
+            setattr(obj.masked, k, v)
+        return PretrainModule(asdict(cfg), TOY_VOCAB, list(TOY_NUMERIC), asdict(obj), {})
+
+    with pytest.raises(ValueError, match="model.heads.replaced=true"):
+        module(False, replace_prob=0.1)
+    with pytest.raises(ValueError, match="replace_keep.*'hour_of_day'"):
+        module(True, replace_prob=0.1, replace_keep="log_dt,hour_of_day")
+    on = module(True, replace_prob=0.1)
+    assert on.model.heads.replaced.weight.requires_grad
+    off = module(True)
+    assert not off.model.heads.replaced.weight.requires_grad
