@@ -88,12 +88,15 @@ def relative_seconds(ts: Tensor, valid: Tensor | None, segment_ids: Tensor | Non
     """
     ts = ts.long()
     big = torch.iinfo(torch.long).max
-    masked = ts if valid is None else torch.where(valid, ts, torch.full_like(ts, big))
-    if segment_ids is None:
+    if segment_ids is None and torch.onnx.is_in_onnx_export():
+        rel = ts - onnx_first_time_us(ts, valid)  # the same reference, in ops ONNX Runtime gets right
+    elif segment_ids is None:
+        masked = ts if valid is None else torch.where(valid, ts, torch.full_like(ts, big))
         ref = masked.min(dim=1, keepdim=True).values
         ref = torch.where(ref == big, torch.zeros_like(ref), ref)
         rel = ts - ref
     else:
+        masked = ts if valid is None else torch.where(valid, ts, torch.full_like(ts, big))
         seg = segment_ids.long()
         n_seg = int(seg.max()) + 1 if seg.numel() else 1
         ref = torch.full((ts.shape[0], n_seg), big, dtype=torch.long, device=ts.device)
@@ -119,8 +122,31 @@ def previous_gap_seconds(ts: Tensor, valid: Tensor | None, segment_ids: Tensor |
         seg = segment_ids.long()
         shifted = torch.cat([torch.zeros_like(seg[:, :1]), seg[:, :-1]], dim=1)
         same = same & (seg == shifted) & (seg != 0)
-    gap = torch.where(same, (ts - prev).clamp(min=0), torch.zeros_like(ts))
+    # max(gap, 0) as a comparison and a select, not a clamp: ONNX exports an int64 clamp as Clip,
+    # which ONNX Runtime's CPU kernel gets wrong (see `onnx_first_time_us`; a gap of 2**31 to
+    # 2**32 µs, 36 to 72 minutes, came out 0)
+    d = ts - prev
+    gap = torch.where(same & (d > 0), d, torch.zeros_like(d))
     return gap.double() / 1e6
+
+
+def onnx_first_time_us(ts: Tensor, valid: Tensor | None) -> Tensor:
+    """(B, 1) int64: the earliest `ts` over the real events of each row (0 for a row without
+    any), as `relative_seconds` computes it in eager, written for ONNX export: the minimum is
+    taken in float64 (exact for |ts| < 2**53 µs, i.e. until the year 2255) with +inf on padding.
+
+    Two export defects make the int64 form wrong in ONNX Runtime (CPU, 1.31): its int64
+    Min / Max / ReduceMin / ReduceMax / Clip kernels (Eigen's SSE2 64-bit compare,
+    microsoft/onnxruntime#25280) return wrong values for some inputs (e.g. Clip(x, min=0) = 0
+    for every x in [2**31, 2**32)), and torch.onnx writes `torch.full_like(ts, INT64_MAX)` as
+    INT64_MIN (the fill value goes through a double, 2**63 - 1 -> 2**63, which wraps), so the
+    masked minimum of every padded row was INT64_MIN. Comparisons, selects, Sub and float
+    reductions are exact."""
+    t = ts.double()
+    if valid is not None:
+        t = torch.where(valid, t, torch.full_like(t, float("inf")))
+    ref = t.amin(dim=1, keepdim=True)
+    return torch.where(ref == float("inf"), torch.zeros_like(ref), ref).long()
 
 
 def sequence_index(batch: dict[str, Tensor], valid: Tensor | None) -> tuple[Tensor, int]:
