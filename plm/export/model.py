@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from plm.data.collate import ID_COLUMNS, VALUE_COLUMNS
 from plm.model import PLMDecoder, PLMEncoder, model_config_from_dict
 from plm.model.batch import MASK, value_key
+from plm.train.config import trains_as_of_query
 
 POOLINGS = ("model", "mean", "last", "max", "cls", "attention", "asof", "mean_asof")
 AS_OF_POOLINGS = ("asof", "mean_asof")
@@ -98,7 +99,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         max_len = int(dm.get("eval_max_len", 0) or dm.get("max_len", 0) or 0)
         arch = hp.get("arch", "auto")
         masked = (hp.get("objective") or {}).get("masked") or {}
-        as_of_query = bool(masked.get("weight", 0) > 0 and masked.get("last_prob", 0) > 0)
+        as_of_query = trains_as_of_query(masked)
         if arch == "auto":
             arch = "decoder" if (hp.get("objective") or {}).get("name") == "next" else "encoder"
     else:

@@ -26,6 +26,13 @@ class MaskedConfig:
     replace_keep: str = "log_dt,hour,dow"  # comma-separated fields a swapped event keeps (time-derived)
 
 
+def trains_as_of_query(masked: MaskedConfig | dict) -> bool:
+    """Whether a masked-objective config (the dataclass, or its dict in a checkpoint's
+    hyper-parameters) trains the as-of query that `plm-export pooling=asof` asks."""
+    get = masked.get if isinstance(masked, dict) else (lambda k, d=0: getattr(masked, k, d))
+    return bool(get("weight", 0) > 0 and get("last_prob", 0) > 0)
+
+
 @dataclass
 class ContrastiveConfig:
     weight: float = 0.0  # 0 = off

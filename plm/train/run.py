@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from plm.train.config import TrainConfig
+from plm.train.config import TrainConfig, trains_as_of_query
 
 STRATEGIES = ("auto", "ddp", "fsdp2")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
@@ -189,7 +189,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.save({"model": sd, "model_config": asdict(cfg.model), "vocab_sizes": dict(dm.vocab_sizes),
                     "numeric_fields": list(dm.numeric_fields), "arch": module.arch,
                     "max_len": int(cfg.data.eval_max_len or cfg.data.max_len),
-                    "as_of_query": bool(cfg.objective.masked.weight > 0 and cfg.objective.masked.last_prob > 0)}, final)
+                    "as_of_query": trains_as_of_query(cfg.objective.masked)}, final)
         if wandb_logger is not None and cfg.logger.log_artifacts:
             _log_artifacts(wandb_logger, dm, final, run_dir)
         if wandb_logger is not None:
