@@ -143,6 +143,13 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, dropout_p:
             mask = mask.view(mask.shape[0], Hkv, g, -1) if mask.shape[1] == H else mask
         y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0)
         return y.view(B, H, 1, D)
+    if H != Hkv and torch.onnx.is_in_onnx_export():
+        # the exporter has no SDPA with enable_gqa: give every query head its key/value head
+        # (h // (H // Hkv), as enable_gqa reads them); the same attention, on repeated k/v
+        B, _, S, D = k.shape
+        k = k[:, :, None].expand(B, Hkv, H // Hkv, S, D).reshape(B, H, S, D)
+        v = v[:, :, None].expand(B, Hkv, H // Hkv, S, D).reshape(B, H, S, D)
+        Hkv = H
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0, is_causal=is_causal,
         enable_gqa=H != Hkv,
@@ -268,6 +275,8 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, D)
-        y = ATTENTION_FUNCTIONS[self.backend](q, k, v, ctx, self.dropout, self.training)  # (B, H, T, D)
+        # flex / xformers do not export to ONNX; SDPA computes the same attention
+        backend = "sdpa" if torch.onnx.is_in_onnx_export() else self.backend
+        y = ATTENTION_FUNCTIONS[backend](q, k, v, ctx, self.dropout, self.training)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.proj(y)

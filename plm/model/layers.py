@@ -86,9 +86,12 @@ class MoE(nn.Module):
         weight, expert = probs.topk(self.top_k, dim=-1)  # (N, k)
         weight = (weight / weight.sum(-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(x)
+        # an ONNX trace would freeze `rows.numel()` to the export example (an expert it did not
+        # route to would vanish from the graph): exported, every expert runs on its (maybe no) rows
+        onnx = torch.onnx.is_in_onnx_export()
         for e in range(self.n_experts):
             rows, slot = (expert == e).nonzero(as_tuple=True)
-            if rows.numel():
+            if onnx or rows.numel():
                 out.index_add_(0, rows, self.experts[e](x[rows]) * weight[rows, slot, None])
         # load balancing over real events only
         keep = valid.reshape(-1) if valid is not None else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)

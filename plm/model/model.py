@@ -50,7 +50,11 @@ def build_mask(valid: Tensor | None, seg: Tensor | None, causal: bool, T: int, d
     all-masked row (their outputs are finite garbage; real events never attend to padding)."""
     if seg is None and valid is None:
         return None
-    eye = torch.eye(T, dtype=torch.bool, device=device)
+    if torch.onnx.is_in_onnx_export():  # ONNX Runtime has no bool EyeLike: the same diagonal
+        idx = torch.arange(T, device=device)
+        eye = idx[:, None] == idx[None, :]
+    else:
+        eye = torch.eye(T, dtype=torch.bool, device=device)
     if seg is not None:
         m = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)  # (B, T, T) block-diagonal
     elif not causal:
@@ -253,6 +257,8 @@ class PLMEncoder(EventTransformer):
     def pool(self, h: Tensor, batch: dict[str, Tensor], valid: Tensor | None) -> Tensor:
         """(B, T, d) -> (N, d) per-sequence mean / last / attention pooling over real events."""
         B, T, d = h.shape
+        if torch.onnx.is_in_onnx_export() and "segment_ids" not in batch:
+            return self._pool_rows(h, valid)
         seq, N = sequence_index(batch, valid)
         flat_seq = seq.reshape(-1)
         keep = flat_seq >= 0
@@ -272,6 +278,25 @@ class PLMEncoder(EventTransformer):
         z = torch.zeros(N, device=h.device).index_add_(0, si, w)
         w = (w / z[si]).to(h.dtype)
         return h.new_zeros(N, d).index_add_(0, si, hs * w[:, None])
+
+    def _pool_rows(self, h: Tensor, valid: Tensor | None) -> Tensor:
+        """`pool` of an unpacked batch (one sequence per row) written with masks only, for ONNX
+        export: `pool`'s flat index_add form takes the number of sequences as a Python int, which
+        a trace freezes to the export example's batch size. Same pooling, other summation order."""
+        B, T, d = h.shape
+        m = torch.ones(B, T, dtype=torch.bool, device=h.device) if valid is None else valid
+        kind = self.cfg.pooling
+        if kind == "mean":
+            w = m.to(h.dtype)[..., None]
+            return (h * w).sum(1) / w.sum(1).clamp(min=1.0)
+        if kind == "last":
+            pos = torch.arange(T, device=h.device)[None].expand(B, T)
+            last = torch.where(m, pos, torch.zeros_like(pos)).amax(1)  # (B,)
+            return h.gather(1, last[:, None, None].expand(B, 1, d))[:, 0]
+        score = self.pool_query(h)[..., 0].float().masked_fill(~m, float("-inf"))  # (B, T)
+        w = torch.softmax(score, dim=1)
+        w = torch.where(m, w, torch.zeros_like(w)).to(h.dtype)  # a row without events: 0, not NaN
+        return (h * w[..., None]).sum(1)
 
 
 class PLMDecoder(EventTransformer):

@@ -166,30 +166,50 @@ def time_alibi_bias(q: Tensor, k: Tensor, slopes: Tensor, unit: float) -> Tensor
     return -slopes.to(gap.device)[None, :, None, None] * gap[:, None]
 
 
-def time_bucket(dt: Tensor, n_buckets: int, max_gap: float, bidirectional: bool) -> Tensor:
+def time_bucket_edges(n_buckets: int, max_gap: float, bidirectional: bool, device=None) -> tuple[Tensor, Tensor]:
+    """The constants of `time_bucket`: the sorted signed bucket boundaries (2n - 1,) float64 and the
+    lookup table (2n,) long from "number of boundaries below dt" to the bucket id, n = n_buckets
+    (or n_buckets / 2 when bidirectional). They depend on the config only: `PositionEncoding`
+    computes them once (outside any ONNX trace: `expm1` and `nextafter` have no opset-17 export)."""
+    n = n_buckets // 2 if bidirectional else n_buckets
+    k = torch.arange(1, n, dtype=torch.float64, device=device)
+    e = torch.expm1(k * (math.log1p(max_gap) / (n - 1)))  # |dt| >= e[m-1]  <=>  magnitude >= m
+    e[-1] = max_gap
+    # sorted signed boundaries; c = number of boundaries < dt
+    below = torch.nextafter(e, torch.zeros_like(e))  # "dt >= e" as "dt > below"
+    edges = torch.cat([-e.flip(0), torch.zeros(1, dtype=torch.float64, device=device), below])
+    idx = torch.arange(2 * n, device=device)
+    lut = torch.where(idx < n, n - 1 - idx, idx if bidirectional else idx - n)  # c -> bucket id
+    return edges, lut
+
+
+def time_bucket(dt: Tensor, n_buckets: int, max_gap: float, bidirectional: bool,
+                edges: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Bucket of a time gap dt = t_key - t_query (seconds): m = floor(log1p(|dt|) (n-1) / log1p(max_gap))
     clamped to [0, n-1] (so |dt| >= max_gap shares the last bucket), n = n_buckets, or n_buckets/2
     when bidirectional, where future keys (dt > 0) get n + m.
 
     Computed as one `searchsorted` of the signed gap against the bucket edges (exact in float64
-    and several times faster than evaluating log1p on every (query, key) pair)."""
-    n = n_buckets // 2 if bidirectional else n_buckets
-    k = torch.arange(1, n, dtype=torch.float64, device=dt.device)
-    e = torch.expm1(k * (math.log1p(max_gap) / (n - 1)))  # |dt| >= e[m-1]  <=>  magnitude >= m
-    e[-1] = max_gap
-    # sorted signed boundaries; c = number of boundaries < dt
-    below = torch.nextafter(e, torch.zeros_like(e))  # "dt >= e" as "dt > below"
-    edges = torch.cat([-e.flip(0), torch.zeros(1, dtype=torch.float64, device=dt.device), below])
-    c = torch.searchsorted(edges, dt.double().contiguous())  # (…) in [0, 2n - 1]
-    idx = torch.arange(2 * n, device=dt.device)
-    lut = torch.where(idx < n, n - 1 - idx, idx if bidirectional else idx - n)  # c -> bucket id
+    and several times faster than evaluating log1p on every (query, key) pair). `edges`: the
+    `time_bucket_edges` of these arguments on dt's device, if already computed. While exporting
+    to ONNX (no `searchsorted` there) the same count of boundaries below dt is a sum of exact
+    float64 comparisons, one per boundary."""
+    boundaries, lut = edges if edges is not None else time_bucket_edges(n_buckets, max_gap, bidirectional, dt.device)
+    dt = dt.double().contiguous()
+    if torch.onnx.is_in_onnx_export():
+        c = torch.zeros(dt.shape, dtype=torch.long, device=dt.device)
+        for j in range(boundaries.shape[0]):
+            c = c + (dt > boundaries[j]).long()
+    else:
+        c = torch.searchsorted(boundaries, dt)  # (…) in [0, 2n - 1]
     return lut[c]
 
 
-def time_bucket_bias(q: Tensor, k: Tensor, table: Tensor, bidirectional: bool, max_gap: float) -> Tensor:
+def time_bucket_bias(q: Tensor, k: Tensor, table: Tensor, bidirectional: bool, max_gap: float,
+                     edges: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Learned bias table[time_bucket(t_k - t_q)] with table (n_buckets, H) -> (B, H, T, S)."""
     dt = k[:, None, :] - q[:, :, None]  # (B, T, S) seconds
-    return bucket_lookup(table, time_bucket(dt, table.shape[0], max_gap, bidirectional))
+    return bucket_lookup(table, time_bucket(dt, table.shape[0], max_gap, bidirectional, edges))
 
 
 # ----------------------------------------------------------------------------- module
@@ -215,6 +235,19 @@ class PositionEncoding(nn.Module):
             nn.Parameter(torch.zeros(p.time_buckets, self.n_heads)) if "time_bucket" in self.biases else None
         )
         self.register_buffer("slopes", alibi_slopes(self.n_heads), persistent=False)
+        # time_bucket constants per device (float64 whatever the module's dtype, so not buffers);
+        # the CPU ones now, so that an ONNX export (CPU) finds them and never traces expm1
+        self._time_edges: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        if self.time_table is not None:
+            self.time_bucket_edges(torch.device("cpu"))
+
+    def time_bucket_edges(self, device) -> tuple[Tensor, Tensor]:
+        """`time_bucket_edges` of this config on `device` (memoised)."""
+        device = torch.device(device)
+        if device not in self._time_edges:
+            self._time_edges[device] = time_bucket_edges(self.time_table.shape[0], self.cfg.time_max_gap,
+                                                         self.bidirectional, device)
+        return self._time_edges[device]
 
     @property
     def needs_time(self) -> bool:
@@ -262,6 +295,7 @@ class PositionEncoding(nn.Module):
             elif name == "time_alibi":
                 b = time_alibi_bias(q_sec, k_sec, self.slopes, p.time_unit)
             else:
-                b = time_bucket_bias(q_sec, k_sec, self.time_table, self.bidirectional, p.time_max_gap)
+                b = time_bucket_bias(q_sec, k_sec, self.time_table, self.bidirectional, p.time_max_gap,
+                                     self.time_bucket_edges(q_sec.device))
             out = b if out is None else out + b
         return out.contiguous() if out is not None else None  # once per forward, not per layer
