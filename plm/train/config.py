@@ -41,6 +41,7 @@ class ContrastiveConfig:
     max_frac: float = 1.0
     min_len: int = 2  # shortest sub-sequence (events)
     gather: bool = True  # negatives from every rank (gradient-preserving all_gather)
+    pack_views: bool = True  # pack the views into rows (segment_ids) instead of one padded row each
 
 
 @dataclass

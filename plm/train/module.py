@@ -29,7 +29,7 @@ def build_objectives(cfg: ObjectiveConfig) -> list[tuple[str, float, Any]]:
     if cfg.contrastive.weight > 0:
         c = cfg.contrastive
         out.append(("contrastive", c.weight, ContrastiveObjective(c.temperature, c.min_frac, c.max_frac, c.min_len,
-                                                                 c.gather)))
+                                                                 c.gather, c.pack_views)))
     if cfg.next.weight > 0:
         n = cfg.next
         out.append(("next", n.weight, NextEventObjective(n.time_weight, n.regression_weight)))

@@ -364,10 +364,10 @@ def sequence_spans(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return first // T, first % T, length
 
 
-def crop_views(batch: dict[str, Tensor], fields: list[str], n_views: int, min_frac: float, max_frac: float,
-               min_len: int, generator) -> dict[str, Tensor]:
-    """n_views random contiguous sub-sequences of every sequence, as one right-padded unpacked batch
-    of n_views * N rows (view v of sequence n is row v * N + n)."""
+def _crop_spans(batch: dict[str, Tensor], n_views: int, min_frac: float, max_frac: float, min_len: int,
+                generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, start column, length) of n_views random contiguous sub-sequences of every sequence,
+    each (n_views * N,); view v of sequence n is item v * N + n."""
     row, col, length = sequence_spans(batch)
     dev = length.device
     N = len(length)
@@ -380,18 +380,85 @@ def crop_views(batch: dict[str, Tensor], fields: list[str], n_views: int, min_fr
     hi = torch.clamp(torch.floor(L.float() * max_frac).long(), min=1).maximum(lo).minimum(L)
     n = lo + (u1 * (hi - lo + 1).float()).long().minimum(hi - lo)
     start = c + (u2 * (L - n + 1).float()).long().minimum(L - n)
-    Tn = int(n.max()) if N else 1
+    return r, start, n
+
+
+def _view_keys(batch: dict[str, Tensor], fields: list[str]) -> list[str]:
+    return list(fields) + [value_key(f) for f in fields if value_key(f) in batch] + (["ts"] if "ts" in batch else [])
+
+
+def crop_views(batch: dict[str, Tensor], fields: list[str], n_views: int, min_frac: float, max_frac: float,
+               min_len: int, generator) -> dict[str, Tensor]:
+    """n_views random contiguous sub-sequences of every sequence, as one right-padded unpacked batch
+    of n_views * N rows (view v of sequence n is row v * N + n)."""
+    r, start, n = _crop_spans(batch, n_views, min_frac, max_frac, min_len, generator)
+    dev = n.device
+    Tn = int(n.max()) if len(n) else 1
     ar = torch.arange(Tn, device=dev)
     ok = ar[None] < n[:, None]  # (V*N, Tn)
     src = (start[:, None] + ar[None]).clamp(max=batch_T(batch) - 1)
     out: dict[str, Tensor] = {}
-    keys = list(fields) + [value_key(f) for f in fields if value_key(f) in batch] + (["ts"] if "ts" in batch else [])
-    for k in keys:
+    for k in _view_keys(batch, fields):
         x = batch[k][r[:, None], src]
         out[k] = torch.where(ok, x, torch.zeros_like(x))
     out["attention_mask"] = ok
     out["positions"] = torch.where(ok, ar[None].expand_as(ok), torch.zeros_like(src))
     return out
+
+
+def crop_views_packed(batch: dict[str, Tensor], fields: list[str], n_views: int, min_frac: float,
+                      max_frac: float, min_len: int, generator) -> tuple[dict[str, Tensor], Tensor]:
+    """The same views as `crop_views` (same draws from `generator`), packed first-fit-decreasing
+    into rows of the batch's length (`segment_ids`/`positions` per the batch contract) instead of
+    one padded row each: crops of 50-100% of sequences of very different lengths left ~60% of a
+    padded view batch empty. Returns (packed batch, order): `pooled[order]` lists the views'
+    pooled vectors as view v of sequence n at v * N + n, like `crop_views`' rows."""
+    r, start, n = _crop_spans(batch, n_views, min_frac, max_frac, min_len, generator)
+    dev = n.device
+    T = batch_T(batch)
+    V = len(n)
+    lengths = n.tolist()
+    row_of, off_of, room = [0] * V, [0] * V, []
+    for i in sorted(range(V), key=lambda i: -lengths[i]):  # first-fit decreasing (stable)
+        for j, free in enumerate(room):
+            if free >= lengths[i]:
+                row_of[i], off_of[i] = j, T - free
+                room[j] -= lengths[i]
+                break
+        else:
+            row_of[i], off_of[i] = len(room), 0
+            room.append(T - lengths[i])
+    rows = torch.tensor(row_of, dtype=torch.long, device=dev)
+    offs = torch.tensor(off_of, dtype=torch.long, device=dev)
+    R = max(len(room), 1)
+    # segment id = rank of the view's offset within its row (views sit left to right)
+    seg = torch.zeros(V, dtype=torch.long, device=dev)
+    if V:
+        key = rows * (T + 1) + offs
+        order_in = torch.argsort(key)
+        first = torch.ones(V, dtype=torch.bool, device=dev)
+        first[1:] = rows[order_in][1:] != rows[order_in][:-1]
+        starts = torch.cummax(torch.where(first, torch.arange(V, device=dev), torch.zeros(V, dtype=torch.long, device=dev)), 0).values
+        seg[order_in] = torch.arange(V, device=dev) - starts + 1
+    vid = torch.repeat_interleave(torch.arange(V, device=dev), n)
+    j = torch.arange(len(vid), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    dr, dc = rows[vid], offs[vid] + j
+    sr, sc = r[vid], start[vid] + j
+    out: dict[str, Tensor] = {}
+    for k in _view_keys(batch, fields):
+        x = torch.zeros(R, T, dtype=batch[k].dtype, device=dev)
+        x[dr, dc] = batch[k][sr, sc]
+        out[k] = x
+    sid = torch.zeros(R, T, dtype=torch.long, device=dev)
+    sid[dr, dc] = seg[vid]
+    pos = torch.zeros(R, T, dtype=torch.long, device=dev)
+    pos[dr, dc] = j
+    out["segment_ids"], out["positions"], out["attention_mask"] = sid, pos, sid != 0
+    # pooled index of each view: row-major over (row, segment), as plm.model.batch.sequence_index
+    per_row = torch.zeros(R, dtype=torch.long, device=dev).index_add_(0, rows, torch.ones_like(rows))
+    row_base = torch.cumsum(per_row, 0) - per_row
+    order = row_base[rows] + seg - 1
+    return out, order
 
 
 def batch_T(batch: dict[str, Tensor]) -> int:
@@ -454,16 +521,21 @@ class ContrastiveObjective:
     name = "contrastive"
 
     def __init__(self, temperature: float = 0.1, min_frac: float = 0.5, max_frac: float = 1.0, min_len: int = 2,
-                 gather: bool = True):
+                 gather: bool = True, pack_views: bool = True):
         if temperature <= 0 or not 0 < min_frac <= max_frac <= 1:
             raise ValueError("contrastive: need temperature > 0 and 0 < min_frac <= max_frac <= 1")
         self.temperature, self.min_frac, self.max_frac = temperature, min_frac, max_frac
-        self.min_len, self.gather = min_len, gather
+        self.min_len, self.gather, self.pack_views = min_len, gather, pack_views
 
     def __call__(self, model, batch: dict[str, Tensor], generator=None) -> ObjectiveOutput:
         fields = [f for f in model.field_vocab_sizes if f in batch]
-        views = crop_views(batch, fields, 2, self.min_frac, self.max_frac, self.min_len, generator)
-        out, _, z = run_net(model, views, heads=False, project=True)
+        args = (batch, fields, 2, self.min_frac, self.max_frac, self.min_len, generator)
+        if self.pack_views:
+            views, order = crop_views_packed(*args)
+            out, _, z = run_net(model, views, heads=False, project=True)
+            z = z[order]
+        else:
+            out, _, z = run_net(model, crop_views(*args), heads=False, project=True)
         N = z.shape[0] // 2
         loss, acc = info_nce(z[:N], z[N:], self.temperature, self.gather)
         res = ObjectiveOutput(loss=loss, metrics={"contrastive/loss": loss.detach(), "contrastive/acc": acc.detach()})

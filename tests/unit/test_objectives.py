@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from plm.model import ModelConfig, PLMDecoder, PLMEncoder
-from plm.model.batch import MASK, N_SPECIALS, PAD, pack_sequences, value_key
+from plm.model.batch import MASK, N_SPECIALS, PAD, pack_sequences, sequence_index, value_key
 from plm.model.testing import TOY_NUMERIC, TOY_VOCAB, random_batch, take
 from plm.train.module import lr_lambda
 from plm.train.objectives import (
@@ -260,6 +260,38 @@ def test_sequence_spans_and_crops_stay_inside_each_sequence():
         assert all(x in src_ts.tolist() for x in got.tolist())
         assert (got[1:] >= got[:-1]).all()
         assert (v["merchant"][i, n[i]:] == PAD).all()
+
+
+def test_packed_views_are_the_padded_views():
+    """crop_views_packed lays out exactly crop_views' sub-sequences (same draws), in fewer padded
+    slots, and after `order` the model pools every view to the same vector as unpacked."""
+    from plm.train.objectives import crop_views_packed
+
+    cfg = tiny_cfg()
+    cfg.position.rope = "time"
+    cfg.embedding.time_gap = "periodic"
+    cfg = cfg.validate()
+    torch.manual_seed(0)
+    model = PLMEncoder(cfg, TOY_VOCAB, list(TOY_NUMERIC)).eval()
+    fields = list(TOY_VOCAB)
+    for b in (padded_batch(T=16), packed_batch(), random_batch(B=5, T=20, seed=3)):
+        pad = crop_views(b, fields, 2, 0.3, 1.0, 2, torch.Generator().manual_seed(7))
+        packed, order = crop_views_packed(b, fields, 2, 0.3, 1.0, 2, torch.Generator().manual_seed(7))
+        assert packed["ts"].shape[1] == b["ts"].shape[1]
+        assert int(packed["attention_mask"].sum()) == int(pad["attention_mask"].sum())
+        assert packed["ts"].numel() <= pad["ts"].numel() or pad["ts"].shape[0] == 1
+        assert sorted(order.tolist()) == list(range(len(order)))
+        seq = sequence_index(packed, None)[0]
+        for v, i in enumerate(order.tolist()):  # view v's events, in order, with its positions
+            m = seq == i
+            n = int(pad["attention_mask"][v].sum())
+            for k in fields + ["ts"]:
+                assert torch.equal(packed[k][m], pad[k][v, :n])
+            assert torch.equal(packed["positions"][m], torch.arange(n))
+        with torch.no_grad():
+            zp = model(pad).pooled
+            zk = model(packed).pooled[order]
+        torch.testing.assert_close(zk, zp, rtol=1e-4, atol=1e-5)
 
 
 def test_info_nce_identical_views_beat_shuffled():
