@@ -78,3 +78,7 @@ def test_bad_overrides_fail_with_a_message_naming_them(tmp_path):
     assert p.returncode == 2 and "does not exist" in p.stderr and not (tmp_path / "o").exists()
     p = run("plm-prep", f"raw={tmp_path}", f"out={tmp_path / 'o'}", "stride=0", check=False)
     assert p.returncode == 2 and "stride=0" in p.stderr
+    # plm-train: a bad value is one line naming it, not a stack trace
+    p = run("plm-train", f"data.path={tmp_path}", f"run_dir={tmp_path / 't'}", "trainer.strategy=zero",
+            "logger.wandb=false", check=False)
+    assert p.returncode == 2 and "trainer.strategy='zero'" in p.stderr and "Traceback" not in p.stderr
