@@ -418,28 +418,22 @@ def crop_views_packed(batch: dict[str, Tensor], fields: list[str], n_views: int,
     T = batch_T(batch)
     V = len(n)
     lengths = n.tolist()
-    row_of, off_of, room = [0] * V, [0] * V, []
-    for i in sorted(range(V), key=lambda i: -lengths[i]):  # first-fit decreasing (stable)
-        for j, free in enumerate(room):
-            if free >= lengths[i]:
-                row_of[i], off_of[i] = j, T - free
-                room[j] -= lengths[i]
-                break
-        else:
-            row_of[i], off_of[i] = len(room), 0
-            room.append(T - lengths[i])
+    # first-fit decreasing (stable); a view goes to the end of its row, so its segment id is
+    # the number of views already in that row + 1
+    row_of, off_of, seg_of, room, count = [0] * V, [0] * V, [0] * V, [], []
+    for i in sorted(range(V), key=lambda i: -lengths[i]):
+        j = next((j for j, free in enumerate(room) if free >= lengths[i]), len(room))
+        if j == len(room):
+            room.append(T)
+            count.append(0)
+        row_of[i], off_of[i] = j, T - room[j]
+        room[j] -= lengths[i]
+        count[j] += 1
+        seg_of[i] = count[j]
     rows = torch.tensor(row_of, dtype=torch.long, device=dev)
     offs = torch.tensor(off_of, dtype=torch.long, device=dev)
+    seg = torch.tensor(seg_of, dtype=torch.long, device=dev)
     R = max(len(room), 1)
-    # segment id = rank of the view's offset within its row (views sit left to right)
-    seg = torch.zeros(V, dtype=torch.long, device=dev)
-    if V:
-        key = rows * (T + 1) + offs
-        order_in = torch.argsort(key)
-        first = torch.ones(V, dtype=torch.bool, device=dev)
-        first[1:] = rows[order_in][1:] != rows[order_in][:-1]
-        starts = torch.cummax(torch.where(first, torch.arange(V, device=dev), torch.zeros(V, dtype=torch.long, device=dev)), 0).values
-        seg[order_in] = torch.arange(V, device=dev) - starts + 1
     vid = torch.repeat_interleave(torch.arange(V, device=dev), n)
     j = torch.arange(len(vid), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
     dr, dc = rows[vid], offs[vid] + j
@@ -455,7 +449,7 @@ def crop_views_packed(batch: dict[str, Tensor], fields: list[str], n_views: int,
     pos[dr, dc] = j
     out["segment_ids"], out["positions"], out["attention_mask"] = sid, pos, sid != 0
     # pooled index of each view: row-major over (row, segment), as plm.model.batch.sequence_index
-    per_row = torch.zeros(R, dtype=torch.long, device=dev).index_add_(0, rows, torch.ones_like(rows))
+    per_row = torch.tensor(count, dtype=torch.long, device=dev)
     row_base = torch.cumsum(per_row, 0) - per_row
     order = row_base[rows] + seg - 1
     return out, order
