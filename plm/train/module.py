@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from plm.model import PLMDecoder, PLMEncoder, model_config_from_dict
+from plm.model.config import split_names
 from plm.train.config import ObjectiveConfig, OptimConfig, TrainerConfig
 from plm.train.objectives import ContrastiveObjective, MaskedEventObjective, NextEventObjective, PretrainNet
 
@@ -22,7 +23,7 @@ def build_objectives(cfg: ObjectiveConfig) -> list[tuple[str, float, Any]]:
     out = []
     if cfg.masked.weight > 0:
         m = cfg.masked
-        keep = tuple(f.strip() for f in m.replace_keep.split(",") if f.strip())
+        keep = tuple(split_names(m.replace_keep))
         out.append(("masked", m.weight, MaskedEventObjective(m.event_prob, m.field_prob, m.regression_weight,
                                                                 m.last_prob, m.last_jitter, m.replace_prob,
                                                                 m.replace_weight, keep)))
@@ -100,7 +101,8 @@ class PretrainModule(pl.LightningModule):
         if self.obj_cfg.masked.weight > 0 and self.obj_cfg.masked.replace_prob > 0 and not mcfg.heads.replaced:
             raise ValueError("objective.masked.replace_prob > 0 needs the replaced-event head: "
                              "set model.heads.replaced=true")
-        unknown = [f for f in self.objectives_keep() if f not in vocab_sizes]
+        swapping = [o for n, _, o in self.objectives if n == "masked" and o.replace_prob > 0]
+        unknown = [f for o in swapping for f in o.replace_keep if f not in vocab_sizes]
         if unknown:
             raise ValueError(f"objective.masked.replace_keep: unknown field(s) {unknown} "
                              f"(fields: {sorted(vocab_sizes)})")
@@ -110,13 +112,6 @@ class PretrainModule(pl.LightningModule):
         self.seed = mask_seed
         self._val_ce: dict[str, list[Tensor]] = {}
         self._sharded = False
-
-    def objectives_keep(self) -> tuple[str, ...]:
-        """Fields a swapped event keeps (objective.masked.replace_keep), when swapping is on."""
-        m = self.obj_cfg.masked
-        if not (m.weight > 0 and m.replace_prob > 0):
-            return ()
-        return tuple(f.strip() for f in m.replace_keep.split(",") if f.strip())
 
     @property
     def model(self):
