@@ -24,7 +24,9 @@ class ExportConfig:
     overwrite: bool = False
     format: str = "parquet"  # parquet (embeddings per spec/outputs.md) | onnx (the encoder as an ONNX graph)
     quantize: str = "none"  # none | int8 (dynamic int8 of every Linear; agreement with fp32 is checked)
-    pooling: str = "model"  # model | mean | last | max | cls | attention | asof | mean_asof (plm.export.model)
+    # parts joined by '+': model | mean | last | max | cls | attention | asof | recent | recent<N>d
+    # (plm.export.model); default: what the model was trained with + the time-decayed recent mean
+    pooling: str = "model+recent"
     normalize: bool = False  # L2-normalise every embedding (cosine = dot product)
     splits: str = "train,val,test"  # users of these splits (each user is in exactly one split)
     max_len: int = 0  # most recent events per user; 0 = the length the model was trained on

@@ -7,23 +7,31 @@
 - `OnnxEmbedder` / `onnx_input_names`: the same with positional tensor inputs (for ONNX).
 - `quantize_int8(embedder)`: dynamic int8 quantisation of every `nn.Linear` (torch).
 
-Pooling (`pooling=`): `model` = what the model was trained with (encoder: its `pooling` config,
-i.e. mean / last / cls / attention, and `mean_asof` for a mean-pooled encoder trained with the
-as-of query; decoder: `last`, the causal state that has read the whole history); `mean`, `last`, `max` over the real events of each sequence (masked, padding never
-counts); `cls` / `attention` only for encoders trained with that pooling (they need its weights).
+Pooling (`pooling=`): one part or several joined by `+` (their vectors concatenated, in that
+order, from one forward pass), e.g. `model+recent` (the default), `mean+max`, `mean+asof+recent`.
+Parts: `model` = what the model was trained with (encoder: its `pooling` config, i.e. mean / last
+/ cls / attention, and `mean+asof` for a mean-pooled encoder trained with the as-of query;
+decoder: `last`, the causal state that has read the whole history); `mean`, `last`, `max` over
+the real events of each sequence (masked, padding never counts); `cls` / `attention` only for
+encoders trained with that pooling (they need its weights); `recent` (= `recent14d`) or
+`recent<N>d`: the events' states averaged with weights exp(-age / N days), age counted back from
+the user's last event, i.e. an exponentially time-decayed mean that follows what the user did in
+the last weeks (trend, fading activity), which the plain mean averages away over the whole window.
+`mean_asof` is the older spelling of `mean+asof`.
 
 As-of poolings (encoders with time-aware positions): one query event is appended to every
 sequence at the as-of time (the cut-off), every field MASK, only its time known; `asof` = the
 encoder's state at that event (what the model expects to happen next, given the history and the
-time elapsed since its last event: recency and hazard, which mean pooling cannot see), and
-`mean_asof` = [mean over the real events, asof] (2 x d_model), both from the same forward pass
-(bidirectional: the history's states also see the query). The query is what
-`objective.masked.last_prob` trains (`last_jitter` makes its time a censored gap, as at a cut-off).
+time elapsed since its last event: recency and hazard, which mean pooling cannot see); with
+other parts (`mean+asof`) they come from the same forward pass (bidirectional: the history's
+states also see the query). The query is what `objective.masked.last_prob` trains
+(`last_jitter` makes its time a censored gap, as at a cut-off).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +43,12 @@ from plm.model import PLMDecoder, PLMEncoder, model_config_from_dict
 from plm.model.batch import MASK, value_key
 from plm.train.config import trains_as_of_query
 
-POOLINGS = ("model", "mean", "last", "max", "cls", "attention", "asof", "mean_asof")
-AS_OF_POOLINGS = ("asof", "mean_asof")
+POOLING_PARTS = ("model", "mean", "last", "max", "cls", "attention", "asof", "recent")
+POOLING_ALIASES = {"mean_asof": "mean+asof"}
+DEFAULT_POOLING = "model+recent"
+RECENT_DAYS = 14.0  # time constant of `recent` without a suffix
+_RECENT = re.compile(r"recent(?:(\d+(?:\.\d+)?)d)?")
+DAY_US = 86_400_000_000
 
 
 @dataclass
@@ -119,37 +131,73 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
                        file_sha256(p), max_len, as_of_query)
 
 
+def split_pooling(pooling: str) -> list[str]:
+    """`pooling=` -> its parts (aliases expanded, `recent` written `recent<N>d`); a ValueError
+    naming the bad part. Model-independent (config checks)."""
+    parts = []
+    for raw in pooling.split("+"):
+        for p in POOLING_ALIASES.get(raw.strip(), raw.strip()).split("+"):
+            m = _RECENT.fullmatch(p)
+            if m:
+                days = float(m.group(1)) if m.group(1) else RECENT_DAYS
+                if days <= 0:
+                    raise ValueError(f"pooling={pooling!r}: {p} needs a time constant > 0 days")
+                p = f"recent{days:g}d"
+            elif p not in POOLING_PARTS:
+                raise ValueError(f"pooling={pooling!r}: {p!r} is not one of {POOLING_PARTS} "
+                                 "(or recent<N>d); join several with '+', e.g. model+recent")
+            parts.append(p)
+    return parts
+
+
+def recent_days(part: str) -> float | None:
+    """The time constant (days) of a `recent<N>d` part, None for other parts."""
+    m = _RECENT.fullmatch(part)
+    return float(m.group(1)) if m and m.group(1) else None
+
+
 def resolve_pooling(model: nn.Module, pooling: str, as_of_query: bool = False) -> str:
-    """The concrete pooling for `model` (see the module docstring); a clear error if impossible.
-    `as_of_query`: the encoder was trained with the as-of query, so `model` means `mean_asof`."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+    """The concrete pooling for `model`, parts joined by `+` (see the module docstring); a clear
+    error if impossible. `as_of_query`: the encoder was trained with the as-of query, so `model`
+    means `mean+asof`."""
     decoder = isinstance(model, PLMDecoder)
-    if pooling == "model":
-        if decoder:
-            return "last"
-        if as_of_query and model.cfg.pooling == "mean" and model.positions.needs_time:
-            return "mean_asof"
-        return model.cfg.pooling
-    if pooling in AS_OF_POOLINGS:
-        if decoder:
-            raise ValueError(f"pooling={pooling} needs an encoder (its as-of query is a masked event); "
-                             "a decoder's `last` state already reads the whole history")
-        if not model.positions.needs_time:
-            raise ValueError(f"pooling={pooling} needs time-aware positions (model.position.rope=time|both or a "
-                             f"time_* bias): with position.rope={model.cfg.position.rope}, "
-                             f"bias={model.cfg.position.bias!r} the query event would not know the as-of time")
-    if pooling in ("cls", "attention"):
-        if decoder or model.cfg.pooling != pooling:
-            raise ValueError(f"pooling={pooling} needs an encoder trained with pooling={pooling} "
-                             f"(this {'decoder' if decoder else 'encoder'} was trained with "
-                             f"{'none' if decoder else model.cfg.pooling}); use mean, last or max")
-    return pooling
+    if decoder:
+        trained = "last"
+    elif as_of_query and model.cfg.pooling == "mean" and model.positions.needs_time:
+        trained = "mean+asof"
+    else:
+        trained = model.cfg.pooling
+    asked = split_pooling(pooling)
+    parts: list[str] = []
+    for p in (q for part in asked for q in (trained.split("+") if part == "model" else [part])):
+        if p in parts:
+            raise ValueError(f"pooling={pooling!r} gives {p} twice" + (f" (model means {trained})" if "model" in asked else ""))
+        parts.append(p)
+    for p in parts:
+        what = f"pooling={pooling}" if pooling == p else f"pooling={pooling}: {p}"
+        if p == "asof":
+            if decoder:
+                raise ValueError(f"{what} needs an encoder (its as-of query is a masked event); "
+                                 "a decoder's `last` state already reads the whole history")
+            if not model.positions.needs_time:
+                raise ValueError(f"{what} needs time-aware positions (model.position.rope=time|both or "
+                                 f"a time_* bias): with position.rope={model.cfg.position.rope}, "
+                                 f"bias={model.cfg.position.bias!r} the query event would not know the as-of time")
+        if p in ("cls", "attention"):
+            if decoder or model.cfg.pooling != p:
+                raise ValueError(f"{what} needs an encoder trained with pooling={p} "
+                                 f"(this {'decoder' if decoder else 'encoder'} was trained with "
+                                 f"{'none' if decoder else model.cfg.pooling}); use mean, last or max")
+            if "asof" in parts:
+                raise ValueError(f"pooling={pooling}: the model's {p} pooling would also read the as-of query "
+                                 f"event; export asof and {p} separately")
+    return "+".join(parts)
 
 
-def masked_pool(h: Tensor, mask: Tensor, kind: str) -> Tensor:
+def masked_pool(h: Tensor, mask: Tensor, kind: str, ts: Tensor | None = None) -> Tensor:
     """(B, T, d) hidden states, (B, T) bool mask of real events -> (B, d) pooled over real events.
-    Written with masks only (no data-dependent indexing) so it exports to ONNX."""
+    `recent<N>d` also needs `ts` ((B, T) epoch µs). Written with masks only (no data-dependent
+    indexing) so it exports to ONNX."""
     m = mask.to(h.dtype)[..., None]  # (B, T, 1)
     if kind == "mean":
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
@@ -160,6 +208,16 @@ def masked_pool(h: Tensor, mask: Tensor, kind: str) -> Tensor:
         pos = torch.arange(T, device=h.device)[None].expand_as(mask)
         last = torch.where(mask, pos, torch.zeros_like(pos)).amax(1)  # (B,) index of the last real event
         return h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
+    days = recent_days(kind)
+    if days is not None:
+        if ts is None:
+            raise ValueError(f"masked_pool: {kind} needs the events' ts")
+        # float64 holds epoch µs exactly; the age is counted from the row's last real event, so
+        # the newest event weighs 1 and the sum of weights is >= 1 (no underflow to 0/0)
+        t = ts.double()
+        last = t.masked_fill(~mask, float("-inf")).amax(1, keepdim=True)
+        w = torch.where(mask, torch.exp((t - last) / (days * DAY_US)), torch.zeros_like(t)).to(h.dtype)[..., None]
+        return (h * w).sum(1) / w.sum(1).clamp(min=1e-30)
     raise ValueError(f"masked_pool: unknown kind {kind!r}")
 
 
@@ -195,35 +253,46 @@ class Embedder(nn.Module):
     The as-of poolings read the as-of time from `batch["as_of"]` ((B,) epoch µs) if present, else
     from `as_of_us` (the export's cut-off)."""
 
-    def __init__(self, model: nn.Module, pooling: str = "model", as_of_us: int | None = None,
+    def __init__(self, model: nn.Module, pooling: str = DEFAULT_POOLING, as_of_us: int | None = None,
                  as_of_query: bool = False):
         super().__init__()
         self.model = model
         self.pooling = resolve_pooling(model, pooling, as_of_query)
+        self.parts = self.pooling.split("+")
         self.as_of_us = None if as_of_us is None else int(as_of_us)
         self.fields = [f for f in getattr(model, "field_vocab_sizes", {})]
 
     @property
     def needs_as_of(self) -> bool:
-        return self.pooling in AS_OF_POOLINGS
+        return "asof" in self.parts
 
     @property
     def dim(self) -> int:
-        d = int(self.model.cfg.d_model)
-        return 2 * d if self.pooling == "mean_asof" else d
+        return len(self.parts) * int(self.model.cfg.d_model)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         if "segment_ids" in batch:
             raise ValueError("Embedder takes unpacked batches (batch_mode=bucketed)")
-        if self.needs_as_of:
-            return self._as_of_forward(batch)
-        out = self.model(batch)
-        if self.pooling in ("cls", "attention"):
-            return out.pooled.float()
         mask = batch["attention_mask"].bool()
-        return masked_pool(out.hidden, mask, self.pooling).float()
+        state = None
+        if self.needs_as_of:
+            out, state = self._as_of_forward(batch)
+            h = out.hidden[:, :-1]  # the query sits right after each row's events, outside `mask`
+        else:
+            out = self.model(batch)
+            h = out.hidden
+        vecs = []
+        for p in self.parts:
+            if p == "asof":
+                vecs.append(state)
+            elif p in ("cls", "attention"):
+                vecs.append(out.pooled)
+            else:
+                vecs.append(masked_pool(h, mask, p, batch["ts"]))
+        return (vecs[0] if len(vecs) == 1 else torch.cat(vecs, dim=-1)).float()
 
-    def _as_of_forward(self, batch: dict[str, Tensor]) -> Tensor:
+    def _as_of_forward(self, batch: dict[str, Tensor]):
+        """The model's output on the batch with the as-of query appended, and the query's state."""
         mask = batch["attention_mask"].bool()
         if "as_of" in batch:
             as_of = batch["as_of"].long().reshape(-1)
@@ -233,12 +302,9 @@ class Embedder(nn.Module):
             raise ValueError(f"pooling={self.pooling} needs the as-of time: Embedder(as_of_us=...) or batch['as_of']")
         fields = [f for f in self.fields if f in batch]
         query, n = append_as_of({k: v for k, v in batch.items() if k != "as_of"}, as_of, fields)
-        h = self.model(query).hidden  # (B, T + 1, d)
-        state = h.gather(1, n[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
-        if self.pooling == "asof":
-            return state.float()
-        mean = masked_pool(h[:, :-1], mask, "mean")
-        return torch.cat([mean, state], dim=-1).float()
+        out = self.model(query)
+        h = out.hidden  # (B, T + 1, d)
+        return out, h.gather(1, n[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
 
 
 # ------------------------------------------------------------------------------------ ONNX

@@ -47,7 +47,6 @@ import torch
 from plm.data.tokenizer import iso_us
 from plm.export.config import FORMATS, INDEXES, QUANTIZE, ExportConfig
 from plm.export.model import (
-    POOLINGS,
     Embedder,
     LoadedModel,
     cosine_agreement,
@@ -56,6 +55,7 @@ from plm.export.model import (
     onnx_input_names,
     quantize_int8,
     quantize_onnx_int8,
+    split_pooling,
 )
 
 EMBEDDINGS_FORMAT = "plm-embeddings/1"
@@ -122,8 +122,7 @@ def check_config(cfg: ExportConfig) -> None:
         raise ValueError(f"quantize={cfg.quantize!r} is not one of {QUANTIZE}")
     if cfg.index not in INDEXES:
         raise ValueError(f"index={cfg.index!r} is not one of {INDEXES}")
-    if cfg.pooling not in POOLINGS:
-        raise ValueError(f"pooling={cfg.pooling!r} is not one of {POOLINGS}")
+    split_pooling(cfg.pooling)  # names a bad part before anything loads
     if cfg.format == "onnx" and cfg.index != "none":
         raise ValueError("index= builds a FAISS index over exported embeddings: use it with format=parquet")
     for name in ("max_tokens", "read_rows", "row_group_size", "agreement_users"):

@@ -29,14 +29,14 @@ import torch
 
 from plm.data.collate import collate_windows
 from plm.data.tokenizer import Tokenizer, encode_raw, iso_us
-from plm.export.model import Embedder, LoadedModel, load_checkpoint, quantize_int8
+from plm.export.model import DEFAULT_POOLING, Embedder, LoadedModel, load_checkpoint, quantize_int8
 
 
 class UserEmbedder:
     """Raw events or prepared windows -> user embeddings with a trained checkpoint (CPU)."""
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, max_events: int, stride: int,
-                 ts_min: str = "1990-01-01T00:00:00Z", max_len: int = 0, pooling: str = "model",
+                 ts_min: str = "1990-01-01T00:00:00Z", max_len: int = 0, pooling: str = DEFAULT_POOLING,
                  normalize: bool = False, quantize: str = "none", max_tokens: int = 32768):
         from plm.export.run import check_vocab
 

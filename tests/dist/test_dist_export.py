@@ -68,4 +68,4 @@ def test_two_ranks_write_one_part_each_and_every_user_once(tmp_path):
     a = np.stack(two.column("embedding").to_numpy(zero_copy_only=False))
     b = np.stack(one.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert "45 users x 64" in r2.stdout and "2 part(s)" in r2.stdout
+    assert "45 users x 128" in r2.stdout and "2 part(s)" in r2.stdout

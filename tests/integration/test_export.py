@@ -59,7 +59,8 @@ def test_contract_every_user_once_with_identity(trained, tmp_path):
     t = pq.read_table(tmp_path / "emb")
     assert t.schema.field("user_id").type == pa.string()
     typ = t.schema.field("embedding").type
-    assert pa.types.is_fixed_size_list(typ) and typ.list_size == 64 and typ.value_type == pa.float32()  # tiny
+    # default pooling model+recent = [mean, recent14d] of the tiny encoder (d_model 64)
+    assert pa.types.is_fixed_size_list(typ) and typ.list_size == 128 and typ.value_type == pa.float32()
     assert t.schema.field("as_of").type == pa.timestamp("us", tz="UTC")
     manifest = json.loads((prep / "manifest.json").read_text())
     want = sorted(f"{s}-u{i:04d}" for s in ("train", "val", "test") for i in range(100)
@@ -69,7 +70,7 @@ def test_contract_every_user_once_with_identity(trained, tmp_path):
     sha = ident["model_sha256"]
     assert set(t.column("model_sha256").to_pylist()) == {sha} and len(sha) == 64
     assert ident["tokenizer_sha256"] == t.column("tokenizer_sha256")[0].as_py()
-    assert ident["as_of"] == CUTOFF and ident["pooling"] == "mean" and ident["model"] == "encoder:tiny"
+    assert ident["as_of"] == CUTOFF and ident["pooling"] == "mean+recent14d" and ident["model"] == "encoder:tiny"
     assert str(t.column("as_of")[0].as_py().isoformat()).startswith("2024-01-01T00:00:00")
     # n_events = min(history, max_len of training = 16) for each user's most recent window
     lens = dict(zip(t.column("user_id").to_pylist(), t.column("n_events").to_pylist()))
@@ -101,6 +102,16 @@ def test_poolings_differ_and_match_a_direct_computation(trained, tmp_path):
     assert torch.allclose(masked_pool(h, mask, "mean")[0], h[0, :3].mean(0))
     assert torch.allclose(masked_pool(h, mask, "last")[0], h[0, 2])
     assert torch.allclose(masked_pool(h, mask, "max")[1], h[1].amax(0))
+    # recent<N>d: weights exp(-age / N days), age from the row's last real event; padding ignored;
+    # events ten years old underflow to weight 0 without a NaN
+    day = 86_400_000_000
+    t0 = 1_700_000_000_000_000
+    ts = torch.tensor([[t0, t0 + 7 * day, t0 + 14 * day, 0, 5], [t0 - 3650 * day, t0, t0, t0 + day, t0 + 2 * day]])
+    w0 = torch.tensor([np.exp(-2.0), np.exp(-1.0), 1.0], dtype=torch.float32)
+    assert torch.allclose(masked_pool(h, mask, "recent7d", ts)[0], (w0[:, None] * h[0, :3]).sum(0) / w0.sum())
+    w1 = torch.tensor([0.0, np.exp(-2 / 14), np.exp(-2 / 14), np.exp(-1 / 14), 1.0], dtype=torch.float32)
+    assert torch.allclose(masked_pool(h, mask, "recent14d", ts)[1], (w1[:, None] * h[1]).sum(0) / w1.sum())
+    assert torch.allclose(masked_pool(h, mask, "recent1000d", ts)[0], h[0, :3].mean(0), atol=1e-2)  # long -> mean
     outs = {}
     for pooling in ("mean", "last", "max"):
         run_export(export_cfg(prep, ckpt, tmp_path / pooling, pooling=pooling, splits="val"))
@@ -123,7 +134,7 @@ def test_as_of_pooling_is_the_state_of_a_masked_query_at_the_cutoff(trained, tmp
 
     prep, ckpt = trained
     rec = run_export(export_cfg(prep, ckpt, tmp_path / "ma", pooling="mean_asof", splits="val"))
-    assert rec["identity"]["dim"] == 128 and rec["identity"]["pooling"] == "mean_asof"
+    assert rec["identity"]["dim"] == 128 and rec["identity"]["pooling"] == "mean+asof"  # older spelling accepted
     t = pq.read_table(tmp_path / "ma").sort_by("user_id")
     x = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
     assert t.schema.field("embedding").type.list_size == 128
@@ -186,7 +197,15 @@ def test_as_of_pooling_is_the_state_of_a_masked_query_at_the_cutoff(trained, tmp
         np.testing.assert_allclose(got_onnx, gap_emb(sample).numpy(), rtol=1e-4, atol=1e-4)
 
     assert not loaded.as_of_query and Embedder(loaded.model, "model").pooling == "mean"
-    assert Embedder(loaded.model, "model", as_of_query=True).pooling == "mean_asof"  # trained with last_prob
+    assert Embedder(loaded.model, "model", as_of_query=True).pooling == "mean+asof"  # trained with last_prob
+    both = Embedder(loaded.model, "model+recent", as_of_us=iso_us(CUTOFF), as_of_query=True)
+    assert both.pooling == "mean+asof+recent14d" and both.dim == 192
+    with torch.no_grad():  # one forward pass: the first two thirds are the mean+asof vector
+        np.testing.assert_allclose(both(tensors)[:, :128].numpy(), emb(tensors).numpy(), rtol=1e-5, atol=1e-6)
+    for bad, msg in (("mean+mean", "gives mean twice"), ("model+mean", r"gives mean twice \(model means mean\+asof\)"),
+                     ("recent0d", "time constant > 0")):
+        with pytest.raises(ValueError, match=msg):
+            Embedder(loaded.model, bad, as_of_query=True)
     cfg = loaded.model.cfg
     cfg2 = replace(cfg, position=replace(cfg.position, rope="index"))
     with pytest.raises(ValueError, match="needs time-aware positions"):
@@ -222,7 +241,7 @@ def test_onnx_export_agrees_with_eager(trained, tmp_path):
         assert rec["agreement"][k]["cosine_min"] >= 0.99, rec["agreement"]
     assert rec["agreement"]["onnx_fp32_vs_fp32"]["cosine_min"] > 0.99999
     meta = json.loads((tmp_path / "onnx" / "onnx.json").read_text())
-    assert meta["output"]["shape"] == ["batch", 64] and meta["inputs"][-1]["name"] == "attention_mask"
+    assert meta["output"]["shape"] == ["batch", 128] and meta["inputs"][-1]["name"] == "attention_mask"
 
 
 def test_spark_free_path_equals_batch_path(trained, tmp_path):
@@ -273,10 +292,14 @@ def test_cli(trained, tmp_path):
     r = subprocess.run([str(exe), f"ckpt={ckpt}", f"data={prep}", f"out={tmp_path / 'cli'}", "progress=false"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "47 users x 64" in r.stdout and "users/s" in r.stdout
-    r = subprocess.run([str(exe), f"ckpt={ckpt}", f"data={prep}", f"out={tmp_path / 'cli'}", "pooling=avg"],
+    assert "47 users x 128" in r.stdout and "users/s" in r.stdout
+    r = subprocess.run([str(exe), f"ckpt={ckpt}", f"data={prep}", f"out={tmp_path / 'cli2'}", "pooling=mean+recent30d+max"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 2 and "pooling='avg' is not one of" in r.stderr
+    assert r.returncode == 0 and "47 users x 192" in r.stdout, r.stderr[-3000:]
+    assert read_identity(tmp_path / "cli2")["pooling"] == "mean+recent30d+max"
+    r = subprocess.run([str(exe), f"ckpt={ckpt}", f"data={prep}", f"out={tmp_path / 'cli'}", "pooling=mean+avg"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "pooling='mean+avg': 'avg' is not one of" in r.stderr
 
 
 def test_decoder_export_and_next_event_report(trained, tmp_path):
@@ -289,7 +312,7 @@ def test_decoder_export_and_next_event_report(trained, tmp_path):
     train(cfg)
     ckpt = tmp_path / "dec" / "final.pt"
     rec = run_export(export_cfg(prep, ckpt, tmp_path / "emb"))
-    assert rec["identity"]["model"] == "decoder:tiny" and rec["identity"]["pooling"] == "last"
+    assert rec["identity"]["model"] == "decoder:tiny" and rec["identity"]["pooling"] == "last+recent14d"
     with pytest.raises(ValueError, match="pooling=asof needs an encoder"):
         run_export(export_cfg(prep, ckpt, tmp_path / "emb2", pooling="asof"))
     users = pq.read_table(tmp_path / "emb", columns=["user_id"]).column("user_id").to_pylist()

@@ -232,12 +232,18 @@ CASES = {  # id: (model config keys, export pooling, arch)
     "pool_asof_time_bucket": ({"position.rope": "index", "position.bias": "time_bucket"}, "asof", "encoder"),
     "pool_mean_asof": ({"position.rope": "both", "position.bias": "time_alibi", "embedding.time_gap": "periodic"},
                        "mean_asof", "encoder"),
+    # recent<N>d: float64 ages from each row's last event (epoch µs are exact in float64)
+    "pool_mean_asof_recent": ({"position.rope": "both", "embedding.time_gap": "periodic"}, "mean+asof+recent",
+                              "encoder"),
+    "pool_mean_max_recent3d": (TIME, "mean+max+recent3d", "encoder"),
     "pool_cls": ({"pooling": "cls", "position.rope": "both"}, "cls", "encoder"),
+    "pool_attention_recent": ({"pooling": "attention"}, "attention+recent", "encoder"),
     "pool_cls_asof": ({"pooling": "cls", "position.bias": "time_bucket"}, "asof", "encoder"),
     "pool_attention": ({"pooling": "attention", "attention.n_kv_heads": 2}, "attention", "encoder"),
     "decoder_last": ({"position.rope": "both", "position.bias": "alibi+time_bucket", "attention.n_kv_heads": 2},
                      "model", "decoder"),
     "decoder_mean_moe": ({"position.bias": "t5+time_alibi", "ffn.n_experts": 4, "ffn.top_k": 1}, "mean", "decoder"),
+    "decoder_last_recent": ({"position.rope": "both"}, "model+recent", "decoder"),
 }
 
 
