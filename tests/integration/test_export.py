@@ -127,8 +127,8 @@ def test_as_of_pooling_is_the_state_of_a_masked_query_at_the_cutoff(trained, tmp
     a hand-built query batch, independent of padding, sensitive to the as-of time, the same
     through the service and ONNX; refused where it cannot mean anything."""
     from plm.data.collate import collate_windows
-    from plm.export.model import append_as_of
     from plm.data.tokenizer import iso_us
+    from plm.export.model import append_as_of
     from plm.model import PLMEncoder
     from plm.model.batch import MASK
 
