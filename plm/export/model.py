@@ -137,9 +137,8 @@ def split_pooling(pooling: str) -> list[str]:
     parts = []
     for raw in pooling.split("+"):
         for p in POOLING_ALIASES.get(raw.strip(), raw.strip()).split("+"):
-            m = _RECENT.fullmatch(p)
-            if m:
-                days = float(m.group(1)) if m.group(1) else RECENT_DAYS
+            days = recent_days(p)
+            if days is not None:
                 if days <= 0:
                     raise ValueError(f"pooling={pooling!r}: {p} needs a time constant > 0 days")
                 p = f"recent{days:g}d"
@@ -151,9 +150,11 @@ def split_pooling(pooling: str) -> list[str]:
 
 
 def recent_days(part: str) -> float | None:
-    """The time constant (days) of a `recent<N>d` part, None for other parts."""
+    """The time constant (days) of a `recent` / `recent<N>d` part, None for other parts."""
     m = _RECENT.fullmatch(part)
-    return float(m.group(1)) if m and m.group(1) else None
+    if not m:
+        return None
+    return float(m.group(1)) if m.group(1) else RECENT_DAYS
 
 
 def resolve_pooling(model: nn.Module, pooling: str, as_of_query: bool = False) -> str:
