@@ -99,7 +99,8 @@ def bench_model(tag: str, model, vocab: dict, numeric: list[str], batches: list[
     rows["onnxruntime fp32"] = (to, cosine_agreement(e32, eo))
     to8, eo8 = timed(ort_fn(tmp / f"{tag}.int8.onnx", names, threads), batches, repeats)
     rows["onnxruntime int8"] = (to8, cosine_agreement(e32, eo8))
-    print(f"\n== {tag}: d_model={model.cfg.d_model}, layers={model.cfg.n_layers}, {users} users, {events} events")
+    print(f"\n== {tag}: d_model={model.cfg.d_model}, layers={model.cfg.n_layers}, {users} users, {events} events"
+          f" (torch int8 engine {torch.backends.quantized.engine})")
     print(f"{'variant':<18} {'users/s':>10} {'events/s':>11} {'vs fp32':>8} {'cos min':>9} {'cos mean':>9}")
     for k, (t, agr) in rows.items():
         c = f"{agr['cosine_min']:>9.5f} {agr['cosine_mean']:>9.5f}" if agr else f"{'-':>9} {'-':>9}"

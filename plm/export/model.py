@@ -353,6 +353,18 @@ def export_onnx(embedder: Embedder, sample: dict[str, Tensor], names: list[str],
                           dynamic_axes={**dyn, "embedding": {0: "batch"}}, opset_version=opset, dynamo=False)
 
 
+def int8_engine() -> str:
+    """The quantized engine for dynamic int8 on this CPU: oneDNN where the CPU has VNNI (int8 dot
+    products; AMX tiles on recent Xeons): its int8 GEMMs ran 1.5x faster than x86's there, a
+    whole export 8-12% faster (README, export bench); else x86 / fbgemm (AVX2), else qnnpack."""
+    engines = torch.backends.quantized.supported_engines
+    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+    for name, ok in (("onednn", vnni), ("x86", True), ("fbgemm", True), ("qnnpack", True)):
+        if ok and name in engines:
+            return name
+    raise RuntimeError(f"quantize=int8: this torch build has no quantized engine ({engines})")
+
+
 def quantize_int8(embedder: Embedder) -> Embedder:
     """Dynamic int8 quantisation (weights int8 per output channel, activations quantised per
     batch) of the `nn.Linear` layers of the transformer blocks; embedding tables, value encoders,
@@ -361,13 +373,7 @@ def quantize_int8(embedder: Embedder) -> Embedder:
 
     from torch.ao.quantization import quantize_dynamic
 
-    engines = torch.backends.quantized.supported_engines
-    if "fbgemm" in engines or "x86" in engines:
-        torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
-    elif "qnnpack" in engines:
-        torch.backends.quantized.engine = "qnnpack"
-    else:
-        raise RuntimeError(f"quantize=int8: this torch build has no quantized engine ({engines})")
+    torch.backends.quantized.engine = int8_engine()
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     # Only the transformer blocks' projections (where the FLOPs are), with per-output-channel

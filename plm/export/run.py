@@ -361,6 +361,7 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
             raise ValueError("quantize=int8 is dynamic CPU quantisation: use trainer.accelerator=cpu")
         model = quantize_int8(embedder)
         agreement = _agreement(embedder, model, _sample_batches(dm, cfg.agreement_users))
+        agreement["engine"] = torch.backends.quantized.engine  # onednn | x86 | fbgemm | qnnpack
         _check_agreement("quantize=int8", agreement, cfg.min_cosine)
     schema = embedding_schema(embedder.dim, identity)
     writer = part_writer(staging, identity, schema, cfg.row_group_size)

@@ -24,7 +24,7 @@ from unit.shards import CUTOFF, write_prepared
 import plm.config  # noqa: F401  (registers the schemas)
 from plm.cli.app import conf_dir
 from plm.export import ExportConfig, UserEmbedder, load_checkpoint, read_identity, run_export
-from plm.export.model import Embedder, masked_pool
+from plm.export.model import Embedder, int8_engine, masked_pool
 from plm.train.run import train
 
 pytestmark = pytest.mark.slow
@@ -216,7 +216,7 @@ def test_int8_and_normalize_and_faiss(trained, tmp_path):
     prep, ckpt = trained
     rec = run_export(export_cfg(prep, ckpt, tmp_path / "q", quantize="int8", normalize=True, index="flat"))
     agr = rec["agreement"]["int8_vs_fp32"]
-    assert agr["cosine_min"] >= 0.99 and agr["n"] > 0
+    assert agr["cosine_min"] >= 0.99 and agr["n"] > 0 and agr["engine"] == int8_engine()
     t = pq.read_table(tmp_path / "q")
     x = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
     assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
