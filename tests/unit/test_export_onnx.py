@@ -285,7 +285,7 @@ def test_int8_engine_choice(monkeypatch):
 
     engines = torch.backends.quantized.supported_engines
     if "onednn" not in engines:
-        pytest.skip("this torch build has no onednn engine")
+        pytest.skip(reason="this torch build has no onednn engine")
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
     assert int8_engine() == "onednn"
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
@@ -299,7 +299,7 @@ def test_int8_engines_agree_with_fp32(monkeypatch, engine):
     from plm.export import model as export_model
 
     if engine not in torch.backends.quantized.supported_engines:
-        pytest.skip(f"this torch build has no {engine} engine")
+        pytest.skip(reason=f"this torch build has no {engine} engine")
     monkeypatch.setattr(export_model, "int8_engine", lambda: engine)
     emb = Embedder(tiny_model({"position.rope": "both"}), "mean+recent").eval()
     q = export_model.quantize_int8(emb)
