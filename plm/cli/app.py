@@ -8,9 +8,11 @@ receives the validated dataclass instance, not a DictConfig.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +46,16 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
         return hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(task)
 
     return deco
+
+
+@contextlib.contextmanager
+def cli_errors(prog: str) -> Iterator[None]:
+    """Bad input or config (ValueError, ContractError among them; a missing or existing path)
+    ends the CLI in one line naming it, exit code 2; `HYDRA_FULL_ERROR=1` keeps the stack trace."""
+    try:
+        yield
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{prog}: error: {e}\n(set HYDRA_FULL_ERROR=1 for the stack trace)", file=sys.stderr)
+        sys.exit(2)

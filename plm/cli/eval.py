@@ -7,11 +7,8 @@ Frozen-probe evaluation of exported user embeddings against a hand-built aggrega
 
 from __future__ import annotations
 
-import sys
-
 import plm.eval.config  # noqa: F401  (registers eval_schema before hydra composes)
-from plm.cli.app import hydra_app
-from plm.data.schema import ContractError
+from plm.cli.app import cli_errors, hydra_app
 from plm.eval.config import EvalConfig
 
 
@@ -19,7 +16,7 @@ from plm.eval.config import EvalConfig
 def main(cfg: EvalConfig) -> None:
     from plm.eval.run import run_eval
 
-    try:
+    with cli_errors("plm-eval"):
         extra = None
         if cfg.ckpt:
             from plm.eval.next_event import decoder_sections
@@ -29,9 +26,6 @@ def main(cfg: EvalConfig) -> None:
             extra = decoder_sections(cfg.ckpt, cfg.data, cfg.next_split, cfg.next_max_batches, cfg.generate_users,
                                      cfg.generate_horizon, cfg.seed)
         run_eval(cfg, extra_sections=extra)
-    except (ContractError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"plm-eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -5,20 +5,15 @@ trainer=ddp` (one Parquet part per rank)."""
 
 from __future__ import annotations
 
-import sys
-
-from plm.cli.app import hydra_app
+from plm.cli.app import cli_errors, hydra_app
 
 
 @hydra_app("export")
 def main(cfg) -> None:
     from plm.export.run import run_export
 
-    try:
+    with cli_errors("plm-export"):
         rec = run_export(cfg)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"plm-export: error: {e}", file=sys.stderr)
-        sys.exit(2)
     if "rank" in rec:  # not rank 0
         return
     if cfg.format == "onnx":

@@ -6,22 +6,16 @@ Runs a local Spark session by default (`spark.master=local[*]`); point `spark.ma
 
 from __future__ import annotations
 
-import sys
-
-from plm.cli.app import hydra_app
+from plm.cli.app import cli_errors, hydra_app
 from plm.config import PrepConfig
-from plm.data.schema import ContractError
 
 
 @hydra_app("prep")
 def main(cfg: PrepConfig) -> None:
     from data_prep.prep import run_prep
 
-    try:
+    with cli_errors("plm-prep"):
         m = run_prep(cfg)
-    except (ContractError, FileExistsError, ValueError) as e:
-        print(f"plm-prep: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"plm-prep: wrote {cfg.out} (cutoff {m['cutoff']}); manifest: {cfg.out}/manifest.json")
 
 

@@ -3,10 +3,7 @@ pre-train a model (see docs/training.md). Hydra's `hydra.run.dir` is the run fol
 
 from __future__ import annotations
 
-import os
-import sys
-
-from plm.cli.app import hydra_app
+from plm.cli.app import cli_errors, hydra_app
 
 
 @hydra_app("train")
@@ -22,13 +19,8 @@ def main(cfg) -> None:
         exp = hc.runtime.choices.get("experiment") or "run"
         over = [o for o in hc.overrides.task if not o.startswith(("data.path=", "run_dir=", "experiment="))]
         cfg.name = ",".join([exp] + over)[:128]
-    try:
+    with cli_errors("plm-train"):
         out = train(cfg)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"plm-train: error: {e}\n(set HYDRA_FULL_ERROR=1 for the stack trace)", file=sys.stderr)
-        sys.exit(2)
     print(f"plm-train: run folder {out['run_dir']} (step {out['global_step']}); final weights {out['final']}")
 
 
