@@ -11,10 +11,16 @@ sizes built on the same tokenizer, because int8 pays off with width: the demo's 
 after one warm-up pass; the time is the best of `--repeats` passes. Agreement is the cosine
 similarity between each variant's and the fp32 model's vector for every user (min and mean).
 
+Variants: eager int8 (`quantize=int8`), the same two models under `torch.compile`
+(`trainer.compile=true` of plm-export; the untimed warm-up pass compiles them), ONNX Runtime fp32
+and int8 (`format=onnx [quantize=int8]`). The reference is always eager fp32.
+
 Prints a table and, per comparison, one JSON line
 `{"bench": "export_int8[_<size>]", "ours": <int8 users/s>, "reference": <fp32 users/s>,
-"unit": "users/s", "ratio": ours/reference, "target": 1.5}` (likewise `export_onnx` with target
-1.0 and `export_onnx_int8` with target 1.5; higher is better, target = least acceptable).
+"unit": "users/s", "ratio": ours/reference, "target": 1.5}` (likewise `export_int8_compiled`
+(compiled int8 vs eager fp32, target 1.5), `export_compiled` (compiled fp32, target 1.0),
+`export_onnx` with target 1.0 and `export_onnx_int8` with target 1.5; higher is better, target =
+the least acceptable).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from plm.data.datamodule import PLMDataModule
 from plm.export.model import (
     Embedder,
+    compile_embedder,
     cosine_agreement,
     export_onnx,
     load_checkpoint,
@@ -80,7 +87,7 @@ def ort_fn(path: Path, names: list[str], threads: int):
 
 
 def bench_model(tag: str, model, vocab: dict, numeric: list[str], batches: list[dict], repeats: int,
-                threads: int, tmp: Path) -> list[dict]:
+                threads: int, tmp: Path, compiled: bool = True) -> list[dict]:
     emb = Embedder(model, "model").eval()
     users = sum(b["ts"].shape[0] for b in batches)
     events = int(sum(b["attention_mask"].sum() for b in batches))
@@ -90,6 +97,11 @@ def bench_model(tag: str, model, vocab: dict, numeric: list[str], batches: list[
     q = quantize_int8(emb)
     t8, e8 = timed(q, batches, repeats)
     rows["eager int8"] = (t8, cosine_agreement(e32, e8))
+    if compiled:  # trainer.compile=true of plm-export; the warm-up pass compiles (not timed)
+        tc, ec = timed(compile_embedder(emb), batches, repeats)
+        rows["compiled fp32"] = (tc, cosine_agreement(e32, ec))
+        t8c, e8c = timed(compile_embedder(q), batches, repeats)
+        rows["compiled int8"] = (t8c, cosine_agreement(e32, e8c))
     names = onnx_input_names(vocab, numeric)
     sample = next(b for b in batches if not bool(b["attention_mask"].all()))
     path = tmp / f"{tag}.onnx"
@@ -108,6 +120,8 @@ def bench_model(tag: str, model, vocab: dict, numeric: list[str], batches: list[
     sfx = "" if tag == "checkpoint" else f"_{tag}"
     lines = [
         ("export_int8" + sfx, users / t8, 1.5, rows["eager int8"][1]),
+        *([("export_int8_compiled" + sfx, users / t8c, 1.5, rows["compiled int8"][1]),
+           ("export_compiled" + sfx, users / tc, 1.0, rows["compiled fp32"][1])] if compiled else []),
         ("export_onnx" + sfx, users / to, 1.0, rows["onnxruntime fp32"][1]),
         ("export_onnx_int8" + sfx, users / to8, 1.5, rows["onnxruntime int8"][1]),
     ]
@@ -126,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (each compiles for ~10-60 s)")
     a = ap.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
     if not (Path(a.data) / "manifest.json").exists():
@@ -140,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.ckpt:
             loaded = load_checkpoint(a.ckpt)
             results += bench_model("checkpoint", loaded.model, loaded.vocab_sizes, loaded.numeric_fields, batches,
-                                   a.repeats, a.threads, Path(tmp))
+                                   a.repeats, a.threads, Path(tmp), not a.no_compile)
         for size in [s for s in a.sizes.split(",") if s]:
             model = PLMEncoder(load_model_config(size), vocab, numeric).eval()
-            results += bench_model(size, model, vocab, numeric, batches, a.repeats, a.threads, Path(tmp))
+            results += bench_model(size, model, vocab, numeric, batches, a.repeats, a.threads, Path(tmp), not a.no_compile)
     print()
     for r in results:
         print(json.dumps(r))

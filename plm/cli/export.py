@@ -21,8 +21,8 @@ def main(cfg) -> None:
         print(f"plm-export: wrote {cfg.out}/{rec['files']['fp32']} ({agr}); details {cfg.out}/onnx.json")
         return
     thr = rec["throughput"]
-    agr = rec["agreement"].get("int8_vs_fp32")
-    extra = f"; int8 vs fp32 cosine min {agr['cosine_min']:.5f}" if agr else ""
+    extra = "".join(f"; {k.replace('_vs_', ' vs ').replace('_', ' ')} cosine min {v['cosine_min']:.5f}"
+                    for k, v in rec["agreement"].items())
     print(f"plm-export: {rec['outputs']['users']} users x {rec['outputs']['dim']} -> {cfg.out} "
           f"({len(rec['outputs']['parts'])} part(s); {thr['users_per_s']:.0f} users/s, "
           f"{thr['events_per_s']:.0f} events/s{extra}); record {cfg.out}/_export.json")

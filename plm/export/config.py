@@ -40,7 +40,9 @@ class ExportConfig:
     progress: bool = True  # progress bar
     # The hardware keys of plm-train's trainer group (trainer=cpu|gpu|ddp|...): accelerator, devices,
     # num_nodes, strategy (auto | ddp), precision, process_group_backend, num_threads,
-    # enable_progress_bar. Its training keys (max_steps, checkpoints, ...) have no role in export.
+    # enable_progress_bar, and compile (torch.compile the embedder, fp32 or int8: a one-off
+    # compilation, then faster batches; checked against eager fp32 like int8). Its training keys
+    # (max_steps, checkpoints, ...) have no role in export.
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 

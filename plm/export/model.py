@@ -383,6 +383,28 @@ def quantize_int8(embedder: Embedder) -> Embedder:
     return quantize_dynamic(copy.deepcopy(embedder), spec, dtype=torch.qint8)
 
 
+def compile_embedder(embedder: nn.Module) -> nn.Module:
+    """`torch.compile` (inductor, dynamic batch and sequence sizes) of an `Embedder`, fp32 or int8
+    (`trainer.compile=true` in plm-export). Compilation happens at the first call (tens of seconds on
+    CPU, a C++ compiler is needed; Triton on CUDA); it fuses the element-wise tail (RoPE, SwiGLU,
+    norms, pooling) around the matrix products, which is what int8 leaves in fp32: `small` on 1,077
+    users here, eager fp32 86 users/s, eager int8 125, compiled fp32 116, compiled int8 193 (README)."""
+    return torch.compile(embedder, dynamic=True)
+
+
+def first_call(what: str, fn):
+    """Run `fn()` (the first call of a compiled model), turning a compiler failure into one clear
+    error that says how to run without it."""
+    try:
+        return fn()
+    except Exception as e:  # inductor/dynamo raise many types; all mean "this machine cannot compile"
+        if not type(e).__module__.startswith("torch._"):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise RuntimeError(f"{what}: torch.compile failed ({type(e).__name__}: {first}); it needs a working "
+                           "C++ compiler on CPU (Triton on CUDA); run with trainer.compile=false") from e
+
+
 def cosine_agreement(a: Tensor, b: Tensor) -> dict[str, float]:
     """Row-wise cosine similarity of two (N, d) embedding matrices: min / mean / p01."""
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)

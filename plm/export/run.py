@@ -49,8 +49,10 @@ from plm.export.config import FORMATS, INDEXES, QUANTIZE, ExportConfig
 from plm.export.model import (
     Embedder,
     LoadedModel,
+    compile_embedder,
     cosine_agreement,
     export_onnx,
+    first_call,
     load_checkpoint,
     onnx_input_names,
     quantize_int8,
@@ -123,6 +125,9 @@ def check_config(cfg: ExportConfig) -> None:
     if cfg.index not in INDEXES:
         raise ValueError(f"index={cfg.index!r} is not one of {INDEXES}")
     split_pooling(cfg.pooling)  # names a bad part before anything loads
+    if cfg.format == "onnx" and cfg.trainer.compile:
+        raise ValueError("trainer.compile=true compiles the eager model for format=parquet; format=onnx traces "
+                         "the eager model (ONNX Runtime does its own graph optimisation): drop trainer.compile")
     if cfg.format == "onnx" and cfg.index != "none":
         raise ValueError("index= builds a FAISS index over exported embeddings: use it with format=parquet")
     for name in ("max_tokens", "read_rows", "row_group_size", "agreement_users"):
@@ -294,9 +299,11 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 def _agreement(embedder: Embedder, other, batches: list[dict]) -> dict:
     a, b = [], []
-    with torch.no_grad():
+    with torch.inference_mode():  # as Lightning's predict loop: a compiled model is not compiled twice
         for batch in batches:
-            t = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            # cloned here: inference tensors, as the predict loop's batches (a compiled model
+            # guards on that, and would compile again)
+            t = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
             a.append(embedder(t))
             b.append(other(t))
     return cosine_agreement(torch.cat(a), torch.cat(b))
@@ -354,15 +361,26 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
     out = Path(cfg.out)
     staging = _prepare_out(out, cfg.overwrite)
     t = cfg.trainer
-    agreement = None
+    agreement: dict = {}
     model = embedder
     if cfg.quantize == "int8":
         if t.accelerator not in ("cpu", "auto") or torch.cuda.is_available() and t.accelerator == "auto":
             raise ValueError("quantize=int8 is dynamic CPU quantisation: use trainer.accelerator=cpu")
         model = quantize_int8(embedder)
-        agreement = _agreement(embedder, model, _sample_batches(dm, cfg.agreement_users))
-        agreement["engine"] = torch.backends.quantized.engine  # onednn | x86 | fbgemm | qnnpack
-        _check_agreement("quantize=int8", agreement, cfg.min_cosine)
+    if t.compile:
+        model = compile_embedder(model)
+    if model is not embedder:  # int8 and/or compiled: checked against the eager fp32 model first
+        what = "+".join(w for w, on in (("quantize=int8", cfg.quantize == "int8"), ("trainer.compile=true", t.compile)) if on)
+        sample = _sample_batches(dm, cfg.agreement_users)
+        t0 = time.perf_counter()
+        agr = first_call(what, lambda: _agreement(embedder, model, sample))
+        agr["compiled"] = bool(t.compile)
+        if t.compile:
+            agr["compile_and_check_s"] = round(time.perf_counter() - t0, 1)  # includes the compilation
+        if cfg.quantize == "int8":
+            agr["engine"] = torch.backends.quantized.engine  # onednn | x86 | fbgemm | qnnpack
+        _check_agreement(what, agr, cfg.min_cosine)
+        agreement = {"int8_vs_fp32" if cfg.quantize == "int8" else "compiled_vs_fp32": agr}
     schema = embedding_schema(embedder.dim, identity)
     writer = part_writer(staging, identity, schema, cfg.row_group_size)
     trainer = pl.Trainer(
@@ -409,7 +427,7 @@ def expected_users(manifest: dict, splits: list[str]) -> int:
 
 
 def _finish(cfg, out: Path, staging: Path, manifest: dict, identity: dict, ranks: list[dict], wall: float,
-            max_len: int, agreement: dict | None, world: int) -> dict:
+            max_len: int, agreement: dict, world: int) -> dict:
     parts = sorted(staging.glob("part-*.parquet"))
     extra = [p for p in parts if int(p.stem.split("-")[1]) >= world]
     for p in extra:
@@ -440,7 +458,7 @@ def _finish(cfg, out: Path, staging: Path, manifest: dict, identity: dict, ranks
         "ranks": ranks,
         "throughput": {"users_per_s": round(users / slowest, 1), "events_per_s": round(events / slowest, 1),
                        "predict_wall_s": round(wall, 3)},
-        "agreement": {"int8_vs_fp32": agreement} if agreement else {},
+        "agreement": agreement,
     }
     if cfg.index != "none":
         record["index"] = build_faiss_index(staging, parts, cfg.index)

@@ -232,6 +232,49 @@ def test_int8_and_normalize_and_faiss(trained, tmp_path):
     assert not (tmp_path / "q2").exists()
 
 
+def test_compiled_int8_export_matches_eager(trained, tmp_path):
+    """trainer.compile=true: the embedder runs under torch.compile (here int8 + compile), is checked
+    against eager fp32 like int8, and writes the same users with vectors agreeing with the eager
+    int8 export; with format=onnx the option is refused, not ignored."""
+    prep, ckpt = trained
+    cfg = export_cfg(prep, ckpt, tmp_path / "c", quantize="int8")
+    cfg.trainer.compile = True
+    rec = run_export(cfg)
+    agr = rec["agreement"]["int8_vs_fp32"]
+    assert agr["compiled"] is True and agr["cosine_min"] >= 0.99 and agr["compile_and_check_s"] > 0
+    eager = run_export(export_cfg(prep, ckpt, tmp_path / "e", quantize="int8"))
+    assert eager["agreement"]["int8_vs_fp32"]["compiled"] is False
+    a = pq.read_table(tmp_path / "c").sort_by("user_id")
+    b = pq.read_table(tmp_path / "e").sort_by("user_id")
+    assert a.column("user_id").to_pylist() == b.column("user_id").to_pylist()
+    x = np.stack(a.column("embedding").to_numpy(zero_copy_only=False))
+    y = np.stack(b.column("embedding").to_numpy(zero_copy_only=False))
+    cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    assert cos.min() > 0.999, cos.min()
+    onnx = export_cfg(prep, ckpt, tmp_path / "o", format="onnx")
+    onnx.trainer.compile = True
+    with pytest.raises(ValueError, match="trainer.compile=true compiles the eager model"):
+        run_export(onnx)
+
+
+def test_compile_failure_is_one_clear_error():
+    from plm.export.model import first_call
+
+    class InductorLike(Exception):
+        pass
+
+    InductorLike.__module__ = "torch._inductor.exc"
+
+    def fails():
+        raise InductorLike("CppCompileError: g++ not found\nlong trace")
+
+    with pytest.raises(RuntimeError, match=r"trainer.compile=true: torch.compile failed \(InductorLike: "
+                                           r"CppCompileError: g\+\+ not found\).*trainer.compile=false"):
+        first_call("trainer.compile=true", fails)
+    with pytest.raises(KeyError):  # not a compiler error: raised as it is
+        first_call("trainer.compile=true", lambda: {}["x"])
+
+
 def test_onnx_export_agrees_with_eager(trained, tmp_path):
     prep, ckpt = trained
     rec = run_export(export_cfg(prep, ckpt, tmp_path / "onnx", format="onnx", quantize="int8"))
