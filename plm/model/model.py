@@ -140,8 +140,9 @@ class EventTransformer(nn.Module):
         seg = batch.get("segment_ids")
         if seg is not None:
             seg = seg.long()
-        elif valid is not None and bool(valid.all()):
-            valid = None  # nothing padded: take the unmasked fast path
+        elif valid is not None and not torch.compiler.is_compiling() and bool(valid.all()):
+            valid = None  # nothing padded: take the unmasked fast path (eager only: a data-dependent
+            # branch would split a compiled graph; the masked path gives the same result)
         B, T = batch_shape(batch)
         if valid is None and seg is None and "positions" not in batch:
             pos = torch.arange(T, device=batch["ts"].device if "ts" in batch else None)[None]  # (1, T)
@@ -257,8 +258,8 @@ class PLMEncoder(EventTransformer):
     def pool(self, h: Tensor, batch: dict[str, Tensor], valid: Tensor | None) -> Tensor:
         """(B, T, d) -> (N, d) per-sequence mean / last / attention pooling over real events."""
         B, T, d = h.shape
-        if torch.onnx.is_in_onnx_export() and "segment_ids" not in batch:
-            return self._pool_rows(h, valid)
+        if (torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()) and "segment_ids" not in batch:
+            return self._pool_rows(h, valid)  # masks only: no data-dependent shapes to split a compiled graph
         seq, N = sequence_index(batch, valid)
         flat_seq = seq.reshape(-1)
         keep = flat_seq >= 0
@@ -281,7 +282,7 @@ class PLMEncoder(EventTransformer):
 
     def _pool_rows(self, h: Tensor, valid: Tensor | None) -> Tensor:
         """`pool` of an unpacked batch (one sequence per row) written with masks only, for ONNX
-        export: `pool`'s flat index_add form takes the number of sequences as a Python int, which
+        export and torch.compile: `pool`'s flat index_add form takes the number of sequences as a Python int, which
         a trace freezes to the export example's batch size. Same pooling, other summation order."""
         B, T, d = h.shape
         m = torch.ones(B, T, dtype=torch.bool, device=h.device) if valid is None else valid

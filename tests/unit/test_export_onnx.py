@@ -308,3 +308,25 @@ def test_int8_engines_agree_with_fp32(monkeypatch, engine):
         with torch.no_grad():
             agr = cosine_agreement(emb(b), q(b))
         assert agr["cosine_min"] >= 0.99, (engine, agr)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("over,pooling", [
+    ({"position.rope": "both", "embedding.time_gap": "periodic"}, "mean+asof+recent"),
+    ({"pooling": "attention", "position.bias": "time_bucket"}, "attention+max"),
+])
+def test_compiled_embedder_is_one_graph(over, pooling):
+    """`trainer.compile=true` of plm-export: the fp32 embedder traces into one graph, padded or
+    not (the eager-only shortcuts `bool(valid.all())` and the model's flat pooling with its
+    data-dependent shape split it in up to five pieces, each compiled apart)."""
+    emb = Embedder(tiny_model(over), pooling, as_of_us=T0_US + 10**15).eval()
+    full = hard_batch(B=3, T=5, seed=2, empty=False)
+    full["attention_mask"] = torch.ones_like(full["attention_mask"])  # nothing padded
+    for b in (hard_batch(empty=False), full):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            ex = torch._dynamo.explain(emb)(b)
+        assert ex.graph_break_count == 0, [str(r.reason)[:200] for r in ex.break_reasons]
+        assert ex.graph_count == 1
