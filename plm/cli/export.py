@@ -10,9 +10,13 @@ from plm.cli.app import cli_errors, hydra_app
 
 @hydra_app("export")
 def main(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from plm.export.config import check_trainer_overrides
     from plm.export.run import run_export
 
     with cli_errors("plm-export"):
+        check_trainer_overrides(list(HydraConfig.get().overrides.task))
         rec = run_export(cfg)
     if "rank" in rec:  # not rank 0
         return

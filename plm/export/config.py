@@ -10,6 +10,10 @@ from omegaconf import MISSING
 from plm.train.config import TrainerConfig
 
 FORMATS = ("parquet", "onnx")
+# The keys of the shared `trainer` group that plm-export reads; the others (max_steps, checkpoints,
+# ...) train, so giving one to plm-export is an error rather than an ignored option.
+EXPORT_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "process_group_backend", "precision",
+                       "num_threads", "enable_progress_bar", "compile")
 QUANTIZE = ("none", "int8")
 INDEXES = ("none", "flat", "hnsw")
 
@@ -42,8 +46,22 @@ class ExportConfig:
     # num_nodes, strategy (auto | ddp), precision, process_group_backend, num_threads,
     # enable_progress_bar, and compile (torch.compile the embedder, fp32 or int8: a one-off
     # compilation, then faster batches; checked against eager fp32 like int8). Its training keys
-    # (max_steps, checkpoints, ...) have no role in export.
+    # (max_steps, checkpoints, ...) have no role in export: plm-export refuses them on the
+    # command line (check_trainer_overrides).
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+def check_trainer_overrides(overrides: list[str]) -> None:
+    """Command-line overrides (`trainer.max_steps=5`, `+trainer.x=1`, `~trainer.y`) that set a
+    training-only key of the trainer group: a ValueError naming them (export would ignore them)."""
+    bad = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key.startswith("trainer.") and key.split(".")[1] not in EXPORT_TRAINER_KEYS:
+            bad.append(key)
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: plm-export reads only trainer.{{{','.join(EXPORT_TRAINER_KEYS)}}} "
+                         "of the trainer group; the other keys train (drop them)")

@@ -343,6 +343,11 @@ def test_cli(trained, tmp_path):
     r = subprocess.run([str(exe), f"ckpt={ckpt}", f"data={prep}", f"out={tmp_path / 'cli'}", "pooling=mean+avg"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and "pooling='mean+avg': 'avg' is not one of" in r.stderr
+    # a training-only key of the shared trainer group is refused, not ignored
+    r = subprocess.run([str(exe), f"ckpt={ckpt}", f"data={prep}", f"out={tmp_path / 'cli3'}", "trainer.max_steps=5",
+                        "trainer.num_threads=1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "trainer.max_steps: plm-export reads only trainer.{accelerator," in r.stderr, r.stderr
+    assert not (tmp_path / "cli3").exists()
 
 
 def test_decoder_export_and_next_event_report(trained, tmp_path):

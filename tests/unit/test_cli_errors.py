@@ -24,3 +24,12 @@ def test_full_error_and_other_exceptions_pass_through(monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR")
     with pytest.raises(RuntimeError), cli_errors("plm-x"):  # a bug is not bad input: full trace
         raise RuntimeError("bug")
+
+
+def test_export_refuses_training_keys_of_the_trainer_group():
+    from plm.export.config import check_trainer_overrides
+
+    check_trainer_overrides(["ckpt=x", "trainer=ddp", "trainer.compile=true", "trainer.num_threads=2",
+                             "+trainer.precision=32-true"])
+    with pytest.raises(ValueError, match=r"^trainer.max_steps, trainer.logger.x: plm-export reads only"):
+        check_trainer_overrides(["trainer.max_steps=5", "trainer.compile=true", "+trainer.logger.x=1"])
