@@ -299,11 +299,9 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 def _agreement(embedder: Embedder, other, batches: list[dict]) -> dict:
     a, b = [], []
-    with torch.inference_mode():  # as Lightning's predict loop: a compiled model is not compiled twice
-        for batch in batches:
-            # cloned here: inference tensors, as the predict loop's batches (a compiled model
-            # guards on that, and would compile again)
-            t = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():  # as the predict loop (Trainer(inference_mode=False)): a compiled model guards
+        for batch in batches:  # on the grad mode and would compile again under another one
+            t = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
             a.append(embedder(t))
             b.append(other(t))
     return cosine_agreement(torch.cat(a), torch.cat(b))
@@ -395,6 +393,10 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
         enable_model_summary=False,
         use_distributed_sampler=False,
         default_root_dir=str(staging),
+        # no_grad, not inference_mode: Lightning uses no_grad anyway under gloo (CPU ddp), and one
+        # grad mode everywhere lets trainer.compile's graphs, compiled during the agreement check,
+        # serve every rank's predict loop (with inference_mode there, ddp on CPU compiled twice)
+        inference_mode=False,
     )
     rank = trainer.global_rank
     if rank == 0 and staging.exists():
