@@ -299,8 +299,8 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 def _agreement(embedder: Embedder, other, batches: list[dict]) -> dict:
     a, b = [], []
-    with torch.no_grad():  # as the predict loop (Trainer(inference_mode=False)): a compiled model guards
-        for batch in batches:  # on the grad mode and would compile again under another one
+    with torch.no_grad():  # as the compiled predict loop (inference_mode=False): a compiled model
+        for batch in batches:  # guards on the grad mode and would compile again under another one
             t = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
             a.append(embedder(t))
             b.append(other(t))
@@ -393,10 +393,9 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
         enable_model_summary=False,
         use_distributed_sampler=False,
         default_root_dir=str(staging),
-        # no_grad, not inference_mode: Lightning uses no_grad anyway under gloo (CPU ddp), and one
-        # grad mode everywhere lets trainer.compile's graphs, compiled during the agreement check,
-        # serve every rank's predict loop (with inference_mode there, ddp on CPU compiled twice)
-        inference_mode=False,
+        # compiled: no_grad, not inference_mode, as the agreement check that compiled the graphs
+        # (Lightning imposes no_grad under gloo anyway; with two modes every graph compiled twice)
+        inference_mode=not t.compile,
     )
     rank = trainer.global_rank
     if rank == 0 and staging.exists():
