@@ -60,8 +60,9 @@ def time_frequencies(n_pairs: int, min_period: float, max_period: float, device=
 
 def rope_cis(angles: Tensor) -> Tensor:
     """(B, T, D/2) float64 angles -> complex64 exp(i * angle) (B, T, 1, D/2) (broadcast over heads).
-    While exporting to ONNX (no complex tensors there): the real form (B, T, 1, D/2, 2) = (cos, sin)."""
-    if torch.onnx.is_in_onnx_export():
+    While exporting to ONNX (no complex tensors there) or compiling (inductor generates no code for
+    complex operators and would leave them to eager): the real form (B, T, 1, D/2, 2) = (cos, sin)."""
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
         return torch.stack([angles.cos(), angles.sin()], dim=-1).float()[:, :, None]
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, :, None]
 
