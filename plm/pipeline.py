@@ -38,7 +38,7 @@ class PipelineConfig:
     out: str = MISSING  # output folder (stages write sub-folders, see the module docstring)
     overwrite: bool = False  # replace an existing OUT
     preset: str = "cpu-small"  # conf/experiment/<preset>.yaml: model size, objective, steps
-    train_overrides: list[str] = field(default_factory=list)  # extra plm-train overrides, e.g. [trainer.max_steps=50]
+    train_overrides: list[str] = field(default_factory=list)  # extra plm-train overrides; on the command line each is quoted: "train_overrides=['trainer.max_steps=50']"
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # run these (in order); others must exist
     prep: PrepConfig = field(default_factory=PrepConfig)  # raw/out are filled in (${raw}, ${out}/prepared)
     export: ExportConfig = field(default_factory=ExportConfig)  # ckpt/data/out filled in
