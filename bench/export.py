@@ -8,7 +8,8 @@ Models: the given checkpoint, plus (`--sizes`, default `small`) untrained encode
 sizes built on the same tokenizer, because int8 pays off with width: the demo's `tiny` model
 (d=64) spends most of its time outside matrix products. Every variant embeds the same batches
 (the predict loader's bucketed batches of the first `--users` users, `--max-len` events each)
-after one warm-up pass; the time is the best of `--repeats` passes. Agreement is the cosine
+after one warm-up pass; the time is the best of `--repeats` passes, the variants timed in turn
+within each round (a slow spell of the machine hits all of them, not one). Agreement is the cosine
 similarity between each variant's and the fp32 model's vector for every user (min and mean).
 
 Variants: eager int8 (`quantize=int8`), the same two models under `torch.compile`
@@ -59,16 +60,21 @@ def batches_of(data: str, users: int, max_len: int, max_tokens: int) -> list[dic
     return out
 
 
-def timed(fn, batches: list[dict], repeats: int) -> tuple[float, torch.Tensor]:
+def timed(fns: dict[str, object], batches: list[dict], repeats: int) -> dict[str, tuple[float, torch.Tensor]]:
+    """{variant: (best seconds of a pass over `batches`, its vectors)}. One untimed warm-up pass
+    each (compilation, the vectors), then `repeats` rounds that time every variant once, in turn:
+    a slow spell of a shared machine hits every variant of a round instead of one variant's
+    repeats, so the ratios move less than the absolute figures."""
     with torch.no_grad():
-        outs = [fn(b) for b in batches]  # warm-up (and the vectors)
-        best = float("inf")
+        outs = {k: torch.cat([torch.as_tensor(fn(b)) for b in batches]) for k, fn in fns.items()}
+        best = dict.fromkeys(fns, float("inf"))
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            for b in batches:
-                fn(b)
-            best = min(best, time.perf_counter() - t0)
-    return best, torch.cat([torch.as_tensor(o) for o in outs])
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                for b in batches:
+                    fn(b)
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: (best[k], outs[k]) for k in fns}
 
 
 def ort_fn(path: Path, names: list[str], threads: int):
@@ -91,26 +97,23 @@ def bench_model(tag: str, model, vocab: dict, numeric: list[str], batches: list[
     emb = Embedder(model, "model").eval()
     users = sum(b["ts"].shape[0] for b in batches)
     events = int(sum(b["attention_mask"].sum() for b in batches))
-    rows = {}
-    t32, e32 = timed(emb, batches, repeats)
-    rows["eager fp32"] = (t32, None)
     q = quantize_int8(emb)
-    t8, e8 = timed(q, batches, repeats)
-    rows["eager int8"] = (t8, cosine_agreement(e32, e8))
-    if compiled:  # trainer.compile=true of plm-export; the warm-up pass compiles (not timed)
-        tc, ec = timed(compile_embedder(emb), batches, repeats)
-        rows["compiled fp32"] = (tc, cosine_agreement(e32, ec))
-        t8c, e8c = timed(compile_embedder(q), batches, repeats)
-        rows["compiled int8"] = (t8c, cosine_agreement(e32, e8c))
     names = onnx_input_names(vocab, numeric)
     sample = next(b for b in batches if not bool(b["attention_mask"].all()))
     path = tmp / f"{tag}.onnx"
     export_onnx(emb, {k: v[:4] for k, v in sample.items()}, names, path)
     quantize_onnx_int8(path, tmp / f"{tag}.int8.onnx")
-    to, eo = timed(ort_fn(path, names, threads), batches, repeats)
-    rows["onnxruntime fp32"] = (to, cosine_agreement(e32, eo))
-    to8, eo8 = timed(ort_fn(tmp / f"{tag}.int8.onnx", names, threads), batches, repeats)
-    rows["onnxruntime int8"] = (to8, cosine_agreement(e32, eo8))
+    fns = {"eager fp32": emb, "eager int8": q}
+    if compiled:  # trainer.compile=true of plm-export; the warm-up pass compiles (not timed)
+        fns["compiled fp32"] = compile_embedder(emb)
+        fns["compiled int8"] = compile_embedder(q)
+    fns["onnxruntime fp32"] = ort_fn(path, names, threads)
+    fns["onnxruntime int8"] = ort_fn(tmp / f"{tag}.int8.onnx", names, threads)
+    res = timed(fns, batches, repeats)
+    t32, e32 = res["eager fp32"]
+    rows = {k: (t, None if k == "eager fp32" else cosine_agreement(e32, e)) for k, (t, e) in res.items()}
+    t8, to, to8 = rows["eager int8"][0], rows["onnxruntime fp32"][0], rows["onnxruntime int8"][0]
+    tc, t8c = (rows["compiled fp32"][0], rows["compiled int8"][0]) if compiled else (None, None)
     print(f"\n== {tag}: d_model={model.cfg.d_model}, layers={model.cfg.n_layers}, {users} users, {events} events"
           f" (torch int8 engine {torch.backends.quantized.engine})")
     print(f"{'variant':<18} {'users/s':>10} {'events/s':>11} {'vs fp32':>8} {'cos min':>9} {'cos mean':>9}")

@@ -1,0 +1,54 @@
+"""bench/export.py on a tiny hand-written prepared folder (no Spark): every variant is timed in
+turn within each round, and the JSON lines say what the README quotes (ratio = ours /
+reference, agreement with eager fp32)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.unit.shards import write_prepared
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "export.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_export", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_export"] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("bench_export", None)
+
+
+def test_variants_are_timed_in_turn_after_one_warm_up_each(bench):
+    calls = []
+
+    def variant(name):
+        def fn(b):
+            calls.append(name)
+            return torch.zeros(1, 2)
+        return fn
+
+    res = bench.timed({"a": variant("a"), "b": variant("b")}, [{}, {}], repeats=3)
+    # warm-up: a's two batches, then b's; then 3 rounds of (a's pass, b's pass)
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+    assert set(res) == {"a", "b"} and all(t > 0 and v.shape == (2, 2) for t, v in res.values())
+
+
+def test_bench_prints_one_json_line_per_comparison(bench, tmp_path, capsys):
+    data = write_prepared(tmp_path / "prepared")
+    torch.set_num_threads(1)
+    assert bench.main(["--data", str(data), "--ckpt", "", "--sizes", "tiny", "--users", "12", "--max-len", "16",
+                       "--repeats", "1", "--no-compile"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [r["bench"] for r in lines] == ["export_int8_tiny", "export_onnx_tiny", "export_onnx_int8_tiny"]
+    for r in lines:
+        assert r["unit"] == "users/s" and r["ours"] > 0 and r["reference"] > 0
+        assert r["ratio"] == pytest.approx(r["ours"] / r["reference"], abs=2e-3)
+        assert r["cosine_min"] >= 0.99  # every variant embeds the same users like eager fp32
+    assert {r["target"] for r in lines} == {1.0, 1.5}
