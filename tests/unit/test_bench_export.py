@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.unit.shards import write_prepared
+from shards import write_prepared
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "export.py"
 
@@ -42,9 +41,12 @@ def test_variants_are_timed_in_turn_after_one_warm_up_each(bench):
 
 def test_bench_prints_one_json_line_per_comparison(bench, tmp_path, capsys):
     data = write_prepared(tmp_path / "prepared")
-    torch.set_num_threads(1)
-    assert bench.main(["--data", str(data), "--ckpt", "", "--sizes", "tiny", "--users", "12", "--max-len", "16",
-                       "--repeats", "1", "--no-compile"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--data", str(data), "--ckpt", "", "--sizes", "tiny", "--users", "12", "--max-len", "16",
+                           "--repeats", "1", "--no-compile"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() sets --threads for the process
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [r["bench"] for r in lines] == ["export_int8_tiny", "export_onnx_tiny", "export_onnx_int8_tiny"]
     for r in lines:
