@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +15,18 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 
 UTC = dt.timezone.utc
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """Generator for a fixture: `bench/<name>.py` (scripts, not a package) imported as module
+    `bench_<name>`, unregistered afterwards. `yield from bench_module("prep")`."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
 
 
 def ts(day: int, hour: int = 12, minute: int = 0, second: int = 0) -> dt.datetime:

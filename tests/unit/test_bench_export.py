@@ -2,26 +2,17 @@
 turn within each round, and the JSON lines say what the README quotes (ratio = ours /
 reference, agreement with eager fp32)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_module
 from shards import write_prepared
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "export.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_export", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_export"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("bench_export", None)
+    yield from bench_module("export")
 
 
 def test_variants_are_timed_in_turn_after_one_warm_up_each(bench):

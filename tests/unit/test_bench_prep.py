@@ -1,31 +1,23 @@
 """bench/prep.py's single-node reference (no Spark): same token ids and windows as the
 pure-Python tokenizer path (`encode_raw`) on a tiny dirty world, sane accounting and splits."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import bench_module
 
 from data_prep.synth import SynthConfig, generate_world, write_world
 from plm.config import BinsConfig, PrepConfig, VocabConfig
 from plm.data.schema import RAW_SOURCES, SPLITS
 from plm.data.tokenizer import Tokenizer, encode_raw
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "prep.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_prep", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_prep"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("bench_prep", None)
+    yield from bench_module("prep")
 
 
 @pytest.fixture(scope="module")
