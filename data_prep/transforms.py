@@ -94,8 +94,11 @@ def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame
       `_copies` says how many arrived: the `_copies - 1` extra ones are upstream replays,
       dropped and counted as duplicate rows.
     - The first failing check in `plm.data.schema.REASONS` quarantines a row (`reason`).
-    - Rows that share an `event_id` but differ in content are all quarantined as
-      `conflicting_event_id` (no arbitrary winner is picked).
+    - Rows that pass every other check and share an `event_id` but differ in content are all
+      quarantined as `conflicting_event_id` (no arbitrary winner is picked). A row already
+      quarantined for its own reason (a copy with a null `user_id` or `ts`, say) takes no part:
+      it cannot cost the valid row with its id that row's place, so a user's kept events depend
+      only on rows that could be that user's events.
 
     One shuffle: a hash aggregation by content, then a count over event_id for the conflicts.
     """
@@ -103,9 +106,7 @@ def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame
     # One shuffle by event_id serves both steps: hash partitioning on event_id already clusters
     # rows by content (aggregation) and by event_id (window), so neither adds a shuffle, and
     # the input is read once.
-    distinct = df.repartition("event_id").groupBy(*cols).agg(F.count(F.lit(1)).alias("_copies"))
-    n_distinct = F.count(F.lit(1)).over(Window.partitionBy("event_id"))
-    df = distinct.withColumn("_n_distinct", F.when(F.col("event_id").isNotNull() & (n_distinct > 1), n_distinct))
+    df = df.repartition("event_id").groupBy(*cols).agg(F.count(F.lit(1)).alias("_copies"))
 
     checks: list[tuple[str, Column]] = [
         ("null_event_id", F.col("event_id").isNull()),
@@ -119,7 +120,13 @@ def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame
     for name in ("amount", "n_items", "mcc"):
         if name in cols:
             checks.append((f"{name}_invalid", _invalid_number(F.col(name), name)))
-    checks.append(("conflicting_event_id", F.col("_n_distinct").isNotNull()))
+    # distinct rows per event_id among the rows no other check quarantines
+    invalid = F.lit(False)
+    for _, cond in checks:
+        invalid = invalid | F.coalesce(cond, F.lit(False))
+    n_valid = F.sum(F.when(invalid, 0).otherwise(1)).over(Window.partitionBy("event_id"))
+    df = df.withColumn("_n_valid", n_valid)
+    checks.append(("conflicting_event_id", F.col("event_id").isNotNull() & (F.col("_n_valid") > 1)))
 
     reason = F.lit(None).cast("string")
     for name, cond in reversed(checks):

@@ -212,8 +212,6 @@ def clean_source(
     n_dup = n_in - distinct.num_rows
 
     ev = distinct.column("event_id")
-    per_event = distinct.group_by("event_id", use_threads=False).aggregate([("event_id", "count")])
-    conflicted = per_event.filter(pc.greater(per_event.column("event_id_count"), 1)).column("event_id")
     ts = distinct.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
     null_ts = pc.is_null(distinct.column("ts")).to_numpy(zero_copy_only=False)
     lo, hi = iso_us(ts_min), iso_us(ts_max)
@@ -231,8 +229,13 @@ def clean_source(
             with np.errstate(invalid="ignore"):
                 bad = ~np.isfinite(x) | ((x <= low) if low_excl else (x < low)) | (x > high)
             checks.append((f"{name}_invalid", bad))
+    # distinct rows per event_id among the rows no other check quarantines (as flag_rows)
+    invalid = np.logical_or.reduce([mask for _, mask in checks])
+    valid = distinct.filter(pa.array(~invalid))
+    per_event = valid.group_by("event_id", use_threads=False).aggregate([("event_id", "count")])
+    conflicted = per_event.filter(pc.greater(per_event.column("event_id_count"), 1)).column("event_id")
     checks.append(
-        ("conflicting_event_id", pc.fill_null(pc.is_in(ev, value_set=conflicted), False).to_numpy(zero_copy_only=False))
+        ("conflicting_event_id", ~invalid & pc.fill_null(pc.is_in(ev, value_set=conflicted), False).to_numpy(zero_copy_only=False))
     )
     reason = np.full(distinct.num_rows, None, dtype=object)
     for name, mask in reversed(checks):

@@ -40,6 +40,7 @@ def dirty_world(root):
         payment(None, "u001", ts(3)),
         payment("bad-user", None, ts(3)),
         payment("bad-ts", "u002", None),
+        payment("p5-1", "u005", None),  # a null-ts copy of a valid event: quarantined alone
         payment("old", "u002", dt.datetime(1985, 5, 5, tzinfo=dt.timezone.utc)),
         payment("future", "u002", dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc)),
         payment("nan", "u003", ts(3), amount=float("nan")),
@@ -91,7 +92,7 @@ def test_accounting_closes_with_every_reason(prepared):
         assert a["input_rows"] == a["kept_rows"] + a["quarantined_total"] + a["duplicate_rows"]
         assert set(a["quarantined_rows"]) == set(REASONS)
     q = acc["payments"]["quarantined_rows"]
-    assert q == {"null_event_id": 1, "null_user_id": 1, "null_ts": 1, "ts_out_of_range": 2, "amount_invalid": 2,
+    assert q == {"null_event_id": 1, "null_user_id": 1, "null_ts": 2, "ts_out_of_range": 2, "amount_invalid": 2,
                  "n_items_invalid": 0, "mcc_invalid": 1, "conflicting_event_id": 2}
     assert acc["payments"]["duplicate_rows"] == 1
     assert acc["payments"]["after_cutoff_rows"] == 3
@@ -107,6 +108,8 @@ def test_quarantine_rows_have_reasons_and_no_private_columns(prepared):
     assert q.num_rows == sum(m["accounting"]["payments"]["quarantined_rows"].values())
     assert "reason" in q.column_names and None not in q.column("reason").to_pylist()
     assert "device_id" not in q.column_names and "note" not in q.column_names
+    # the valid original of the null-ts copy is kept, not quarantined as a conflict
+    assert sorted(r for e, r in zip(q.column("event_id").to_pylist(), q.column("reason").to_pylist()) if e == "p5-1") == ["null_ts"]
     assert q.schema.field("ts").type == pa.timestamp("us", tz="UTC")
     assert m["quarantine"]["logins"] == []
 

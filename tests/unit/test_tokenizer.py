@@ -105,10 +105,13 @@ def test_clean_source_reasons_and_duplicates():
         payment("p9", "u1", ts(1), currency="EUR"),
         payment("p9", "u1", ts(1), currency="USD"),  # same id, other content
         payment("p10", "u1", ts(2), amount=None),  # missing amount is not invalid
+        payment("p11", "u2", ts(3)),
+        payment("p11", None, ts(3)),  # an invalid copy of p11 does not make p11 a conflict
+        payment("p11", "u2", ts(3).replace(year=1970)),
     ]
     kept, q, n_dup = clean_source(source_table("payments", rows), "payments", "1990-01-01T00:00:00Z", "2030-01-01T00:00:00Z")
     assert n_dup == 1
-    assert sorted(kept.column("event_id").to_pylist()) == ["p1", "p10"]
+    assert sorted(kept.column("event_id").to_pylist()) == ["p1", "p10", "p11"]
     reasons = sorted(zip(q.column("event_id").to_pylist(), q.column("reason").to_pylist()), key=str)
     assert reasons == sorted(
         [
@@ -121,6 +124,8 @@ def test_clean_source_reasons_and_duplicates():
             ("p8", "mcc_invalid"),
             ("p9", "conflicting_event_id"),
             ("p9", "conflicting_event_id"),
+            ("p11", "null_user_id"),
+            ("p11", "ts_out_of_range"),
         ],
         key=str,
     )
