@@ -292,10 +292,18 @@ def run_prep(cfg, spark=None) -> dict:
 
     raw, out = Location.of(cfg.raw), Location.of(cfg.out)
     inputs, labels = discover_inputs(raw)  # raises before anything is written
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out={cfg.out} exists and is a file, not a folder")
     if out.exists() and not out.is_empty_dir():
         if not cfg.overwrite:
             raise FileExistsError(f"out={cfg.out} exists and is not empty; pass overwrite=true to replace it")
+        if not out.child("manifest.json").exists():  # replace an earlier run only, never other data
+            raise FileExistsError(f"out={cfg.out} holds other data (no manifest.json of an earlier plm-prep run); "
+                                  "overwrite=true replaces only a plm-prep output folder: pick another out")
     n_input = {s: sum(f.rows for f in files) for s, files in inputs.items()}
+    if sum(n_input.values()) == 0:  # before starting Spark
+        raise ValueError(f"no valid events in {cfg.raw}: every source is missing or empty "
+                         f"({', '.join(f'{s} {len(inputs[s])} files' for s in RAW_SOURCES)})")
     log(
         "inputs: "
         + ", ".join(f"{s} {len(inputs[s])} files / {n_input[s]:,} rows" for s in RAW_SOURCES)

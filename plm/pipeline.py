@@ -57,12 +57,19 @@ def compose_train(prepared: str, run_dir: str, preset: str, overrides: list[str]
     from plm.cli.app import conf_dir
 
     over = [f"data.path={prepared}", f"run_dir={run_dir}", f"experiment={preset}", *overrides]
-    if GlobalHydra.instance().is_initialized():  # inside the plm-pipeline hydra app
-        cfg = compose("train", overrides=over)
-    else:
-        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside the plm-pipeline hydra app
             cfg = compose("train", overrides=over)
-    t = OmegaConf.to_object(cfg)
+        else:
+            with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+                cfg = compose("train", overrides=over)
+        t = OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"preset={preset} train_overrides={list(overrides)}: {first}") from e
     if not t.name:
         t.name = ",".join([preset, *overrides])[:128]
     return t
@@ -88,11 +95,23 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         if not cfg.overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass overwrite=true to replace it")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"prepared": out / "prepared", "train": out / "train", "embeddings": out / "embeddings",
              "report": out / "report"}
+    # the training config is composed before any stage runs: a misspelt preset or override fails
+    # at once, not after the Spark job
+    tcfg = (compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))
+            if "train" in cfg.stages else None)
+    out.mkdir(parents=True, exist_ok=True)
     record: dict = {"raw": str(raw.resolve()), "out": str(out.resolve()), "preset": cfg.preset,
-                    "train_overrides": list(cfg.train_overrides), "stages": {}}
+                    "train_overrides": list(cfg.train_overrides), "stages_run": list(cfg.stages), "stages": {}}
+    earlier = out / "pipeline.json"
+    if cfg.stages[0] != "prep" and earlier.exists():
+        # a partial rerun keeps the records of the stages it does not run (marked as earlier)
+        try:
+            old = json.loads(earlier.read_text()).get("stages", {})
+        except (OSError, ValueError):
+            old = {}
+        record["stages"] = {k: {**v, "earlier_run": True} for k, v in old.items() if k not in cfg.stages}
     labels = raw / "labels.parquet"
 
     def stage(name: str, fn) -> None:
@@ -103,6 +122,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         info = fn()
         secs = round(time.perf_counter() - t0, 1)
         record["stages"][name] = {"seconds": secs, **info}
+        record["stages"] = {k: record["stages"][k] for k in STAGES if k in record["stages"]}
         print(f"[plm-pipeline] {name} done in {secs:.0f} s", flush=True)
         (out / "pipeline.json").write_text(json.dumps(record, indent=2, default=str))
 
@@ -118,7 +138,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def train() -> dict:
         from plm.train.run import train as run_train
 
-        tcfg = compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))
         res = run_train(tcfg)
         return {"out": str(paths["train"]), "final": res["final"], "global_step": res["global_step"],
                 "metrics": {k: v for k, v in res["metrics"].items() if k.startswith(("val/", "train/loss"))}}

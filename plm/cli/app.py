@@ -41,7 +41,19 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
 
         @functools.wraps(fn)
         def task(cfg):
-            return fn(OmegaConf.to_object(cfg))
+            from omegaconf.errors import MissingMandatoryValue
+
+            try:
+                obj = OmegaConf.to_object(cfg)
+            except MissingMandatoryValue as e:  # a required key (`???` in conf/) left unset
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                keys = sorted(OmegaConf.missing_keys(cfg)) or [getattr(e, "full_key", None) or "a required key"]
+                need = " ".join(f"{k}=..." for k in keys)
+                print(f"plm-{config_name}: error: {need} {'is' if len(keys) == 1 else 'are'} required "
+                      f"(`plm-{config_name} --help` shows the config)", file=sys.stderr)
+                sys.exit(2)
+            return fn(obj)
 
         return hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(task)
 

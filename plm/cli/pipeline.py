@@ -15,7 +15,7 @@ def main(cfg) -> None:
     with cli_errors("plm-pipeline"):
         rec = run_pipeline(cfg)
     ev = rec["stages"].get("eval", {})
-    where = ev.get("report") or f"(no report: {ev.get('skipped', 'eval not run')})"
+    where = (ev.get("report") if "eval" in rec["stages_run"] else None) or f"(no report: {ev.get('skipped', 'eval not run')})"
     print(f"plm-pipeline: done in {rec['seconds']:.0f} s; outputs in {rec['out']}; report: {where}")
 
 

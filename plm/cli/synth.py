@@ -11,17 +11,15 @@ from __future__ import annotations
 import time
 
 from data_prep.synth import SynthConfig, check_out_dir, generate_world, validate, write_world
-from plm.cli.app import hydra_app
+from plm.cli.app import cli_errors, hydra_app
 
 
 def run(cfg: SynthConfig) -> dict:
     """Generate and write the world; print a short summary; return the world's meta."""
     t0 = time.perf_counter()
-    try:
+    with cli_errors("plm-synth"):
         validate(cfg)
         check_out_dir(cfg.out, cfg.overwrite)
-    except (ValueError, FileExistsError) as e:
-        raise SystemExit(f"plm-synth: {e}") from None
     world = generate_world(cfg)
     t_gen = time.perf_counter() - t0
     write_world(world, cfg.out, overwrite=cfg.overwrite, part_rows=cfg.part_rows)

@@ -72,15 +72,21 @@ def _read_parquet(path: str, what: str) -> tuple[pa.Table, dict]:
     loc, files = _parquet_files(path, what)
     parts, meta = [], {}
     for i, f in enumerate(files):
-        with loc.fs.open_input_file(f) as fh:
-            t = pq.read_table(fh)
+        try:
+            with loc.fs.open_input_file(f) as fh:
+                t = pq.read_table(fh)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise EvalInputError(f"{what}={path}: {f} is not a readable Parquet file ({e})") from e
         if i == 0:
             meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (t.schema.metadata or {}).items()}
         parts.append(t.replace_schema_metadata(None))
     try:
         table = pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]
-    except pa.ArrowInvalid as e:
-        raise EvalInputError(f"{what}={path}: parts have incompatible schemas ({e})") from e
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        hint = ""
+        if loc.is_dir() and loc.child("manifest.json").exists():
+            hint = "; this is a plm-prep output folder (manifest.json), pass plm-export's output instead"
+        raise EvalInputError(f"{what}={path}: its {len(files)} Parquet files have incompatible schemas ({e}){hint}") from e
     return table, meta
 
 

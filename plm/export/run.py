@@ -292,8 +292,16 @@ def _strategy(t):
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """The staging folder beside `out`. `overwrite=true` replaces only an earlier export (a folder
+    holding `_export.json` or `onnx.json`) or an empty folder, never a file or other data."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"out={out} is a file, not an earlier export; overwrite=true replaces only a plm-export folder")
+        if any(out.iterdir()) and not ((out / "_export.json").exists() or (out / "onnx.json").exists()):
+            raise FileExistsError(f"out={out} holds other data (no _export.json or onnx.json of an earlier export); "
+                                  "overwrite=true replaces only a plm-export folder: pick another out")
     return out.with_name(out.name + ".__staging__")
 
 

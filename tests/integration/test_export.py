@@ -92,6 +92,14 @@ def test_splits_and_existing_output(trained, tmp_path):
         run_export(export_cfg(prep, ckpt, tmp_path / "e"))
     run_export(export_cfg(prep, ckpt, tmp_path / "e", splits="test", overwrite=True))
     assert pq.read_table(tmp_path / "e").num_rows == 4
+    # overwrite=true replaces an earlier export only: other data and files are refused, untouched
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    for target, msg in (("other", "holds other data"), ("afile", "is a file")):
+        with pytest.raises(FileExistsError, match=msg):
+            run_export(export_cfg(prep, ckpt, tmp_path / target, splits="test", overwrite=True))
+    assert (tmp_path / "other" / "keep.txt").read_text() == "x" and (tmp_path / "afile").read_text() == "x"
 
 
 def test_poolings_differ_and_match_a_direct_computation(trained, tmp_path):

@@ -82,3 +82,20 @@ def test_spark_free_raw_path_equals_batch_export(world):
     b = np.stack(want.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert got.column("n_events").to_pylist() == want.column("n_events").to_pylist()
+
+
+def test_partial_rerun_keeps_the_earlier_stage_records(world):
+    """`stages=[eval]` on a finished run re-evaluates and keeps prep/train/export in pipeline.json
+    (marked `earlier_run`). Last in this module: it rewrites the report."""
+    raw, out, _ = world
+    before = json.loads((out / "pipeline.json").read_text())["stages"]
+    exe = Path(sys.executable).parent
+    r = subprocess.run([str(exe / "plm-pipeline"), f"raw={raw}", f"out={out}", "stages=[eval]",
+                        "eval.bootstrap=5", "eval.folds=3", "eval.progress=false", "eval.plots=false"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((out / "pipeline.json").read_text())
+    assert rec["stages_run"] == ["eval"] and list(rec["stages"]) == ["prep", "train", "export", "eval"]
+    for k in ("prep", "train", "export"):
+        assert rec["stages"][k] == {**before[k], "earlier_run": True}
+    assert "earlier_run" not in rec["stages"]["eval"]

@@ -244,3 +244,17 @@ def test_out_exists_needs_overwrite(tmp_path, spark, prep_config):
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_prep(prep_config(raw, tmp_path / "out"), spark=spark)
     assert (tmp_path / "out" / "keep.txt").exists()
+    # overwrite=true replaces an earlier plm-prep output only, never other data or a file
+    with pytest.raises(FileExistsError, match="holds other data"):
+        run_prep(prep_config(raw, tmp_path / "out", overwrite=True), spark=spark)
+    assert (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileExistsError, match="is a file"):
+        run_prep(prep_config(raw, tmp_path / "afile", overwrite=True), spark=spark)
+
+
+def test_no_input_rows_fails_before_spark(tmp_path, prep_config):
+    raw = write_raw(tmp_path / "raw", logins=[])
+    with pytest.raises(ValueError, match="every source is missing or empty"):
+        run_prep(prep_config(raw, tmp_path / "out"), spark=None)  # would start a session if it got that far
+    assert not (tmp_path / "out").exists()

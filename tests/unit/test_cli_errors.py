@@ -33,3 +33,33 @@ def test_export_refuses_training_keys_of_the_trainer_group():
                              "+trainer.precision=32-true"])
     with pytest.raises(ValueError, match=r"^trainer.max_steps, trainer.logger.x: plm-export reads only"):
         check_trainer_overrides(["trainer.max_steps=5", "trainer.compile=true", "+trainer.logger.x=1"])
+
+
+def test_missing_required_keys_are_named_in_one_line():
+    """A required key left unset (`???` in conf/) ends the tool in one line naming every such key."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "plm-export"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "plm.cli.export"]
+    r = subprocess.run([*cmd, "pooling=mean"], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in __import__("os").environ.items() if k != "HYDRA_FULL_ERROR"})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "plm-export: error: ckpt=... data=... out=... are required (`plm-export --help` shows the config)")
+    assert "Traceback" not in r.stderr
+
+
+def test_misspelt_training_preset_fails_before_any_stage(tmp_path):
+    """`experiment=` / plm-pipeline's `preset=` with an unknown name fails at composition (it used
+    to be skipped silently: `optional experiment`), and plm-pipeline checks it before prep."""
+    from plm.pipeline import PipelineConfig, compose_train, run_pipeline
+
+    with pytest.raises(ValueError, match=r"preset=cpu_small .*Could not find 'experiment/cpu_small'"):
+        compose_train("prepared", "train", "cpu_small", [])
+    assert compose_train("prepared", "train", "cpu-small", []).trainer.max_steps == 500
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(ValueError, match="cpu_small"):
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), preset="cpu_small"))
+    assert not (tmp_path / "out").exists()

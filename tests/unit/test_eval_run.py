@@ -158,6 +158,18 @@ def test_errors_name_the_file_and_column(world, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_eval(cfg_for(root, tmp_path / "busy"))
 
+    # a plm-prep folder passed as embeddings (an easy slip): one message naming it, no traceback
+    prepared = tmp_path / "prepared"
+    (prepared / "train").mkdir(parents=True)
+    (prepared / "manifest.json").write_text("{}")
+    pq.write_table(pa.table({"user_id": ["a"], "ts": pa.array([[1, 2]])}), prepared / "train" / "part-0.parquet")
+    pq.write_table(pa.table({"user_id": ["b"], "ts": pa.array([1], pa.timestamp("us", tz="UTC"))}), prepared / "q.parquet")
+    with pytest.raises(EvalInputError, match="incompatible schemas.*plm-prep output folder"):
+        run_eval(cfg_for(root, tmp_path / "o", embeddings=str(prepared)))
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(EvalInputError, match="empty.parquet is not a readable Parquet file"):
+        run_eval(cfg_for(root, tmp_path / "o", embeddings=str(tmp_path / "empty.parquet")))
+
 
 def test_identity_from_columns_and_json_schema_metadata():
     from plm.eval.run import _identity
