@@ -42,6 +42,8 @@ from plm.data.schema import (
     RAW_SOURCES,
     SPECIALS,
     TS_TYPE,
+    ContractError,
+    check_file_schema,
     value_column,
 )
 
@@ -391,13 +393,21 @@ def encode_raw(
 ) -> pa.Table:
     """Raw contract tables of some users (any subset of sources) -> windows of token ids.
 
-    Same validation, merge order, features, ids and windows as `plm-prep` (the Spark job);
-    invalid rows and duplicates are dropped here (use `clean_source` to see them). Events at
-    or after `cutoff` are excluded. Rows are ordered by (user_id, window_index).
+    Same validation, merge order, features, ids and windows as `plm-prep` (the Spark job): a
+    table whose schema breaks the raw contract raises `ContractError` naming the source, column
+    and expected type, as plm-prep does for a file; invalid rows and duplicates are dropped here
+    (use `clean_source` to see them). Events at or after `cutoff` are excluded. Rows are ordered
+    by (user_id, window_index).
     """
+    unknown = sorted(set(tables) - set(RAW_SOURCES))
+    if unknown:
+        raise ContractError(f"unknown raw source(s) {unknown}; expected any of {list(RAW_SOURCES)}")
     kept = {}
     for source, t in tables.items():
-        if t is None or t.num_rows == 0:
+        if t is None:
+            continue
+        check_file_schema(source, f"tables['{source}']", t.schema)
+        if t.num_rows == 0:
             continue
         k, _, _ = clean_source(t, source, ts_min, ts_max)
         if cutoff is not None:

@@ -417,6 +417,8 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
         reason = None
         if task.y.size < 2 * cfg.folds:
             reason = f"{task.y.size} labelled users with embeddings, fewer than folds x 2 = {2 * cfg.folds}"
+        elif task.kind == REGRESSION and np.unique(task.y).size < 2:
+            reason = f"constant label (every value is {task.y[0]:g}): nothing to predict"
         elif task.kind != REGRESSION:
             counts = np.bincount(task.y, minlength=len(task.classes))
             if (counts > 0).sum() < 2:
@@ -501,6 +503,8 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
     md_path, _ = R.write_report(out, rep, extra_sections)
     rep = R.jsonable({**rep, **({"extra_sections": extra_sections} if extra_sections else {})})
     print(summary(rep))
+    for w in warnings:  # also in report.md / report.json
+        print(f"plm-eval: warning: {w}")
     print(f"plm-eval: report {md_path} ({time.perf_counter() - t0:.1f}s)")
     return rep
 

@@ -85,15 +85,19 @@ def test_same_inputs_identical_report_json(world, tmp_path):
     assert a == b and c["tasks"] != a["tasks"]
 
 
-def test_task_with_too_few_users_is_skipped_with_a_warning(tmp_path, world):
+def test_task_with_too_few_users_is_skipped_with_a_warning(tmp_path, world, capsys):
     root, w = world
     lab = w["labels"]
     sparse = np.full(lab.num_rows, np.nan)
     sparse[10:14] = [0, 1, 0, 1]
     labels = lab.select(["user_id", "churn"]).append_column("rare", pa.array(sparse))
     labels = labels.append_column("mono", pa.array(np.ones(lab.num_rows, np.int64)))
+    labels = labels.append_column("flat", pa.array(np.full(lab.num_rows, 2.5)))
     pq.write_table(labels, tmp_path / "labels.parquet")
     rep = run_eval(cfg_for(root, tmp_path / "r", labels=str(tmp_path / "labels.parquet"), feature_sets=["embedding_linear"]))
+    printed = capsys.readouterr().out
+    assert rep["tasks"]["flat"]["status"] == "skipped" and "constant label (every value is 2.5)" in rep["tasks"]["flat"]["reason"]
+    assert "plm-eval: warning: task `rare` skipped" in printed  # warnings reach the console too
     rare = rep["tasks"]["rare"]
     assert rare["status"] == "skipped" and "fewer than folds x 2" in rare["reason"]
     assert rare["n_null_skipped"] == 111  # 115 evaluated users, 4 labelled

@@ -163,3 +163,17 @@ def test_contract_check_names_file_column_type():
         check_file_schema("orders", "x.parquet", bad.schema)
     with pytest.raises(ContractError, match="required column 'category'"):
         check_file_schema("orders", "x.parquet", good.drop(["category"]).schema)
+
+
+def test_encode_raw_checks_the_contract_like_plm_prep():
+    """A misspelt source, a missing column or a column of the wrong type fails with the message
+    plm-prep gives for a file, not a KeyError or a silent cast."""
+    good = source_table("payments", [payment("p1", "u1", ts(1))])
+    with pytest.raises(ContractError, match=r"unknown raw source\(s\) \['paymnts'\]"):
+        encode_raw({"paymnts": good}, _tokenizer())
+    with pytest.raises(ContractError, match=r"tables\['payments'\]: required column 'amount' \(payments\) is missing"):
+        encode_raw({"payments": good.drop_columns(["amount"])}, _tokenizer())
+    text = good.set_column(good.schema.get_field_index("amount"), "amount", pa.array(["10.0"]))
+    with pytest.raises(ContractError, match=r"column 'amount' \(payments\) has type string; expected double"):
+        encode_raw({"payments": text}, _tokenizer())
+    assert encode_raw({"payments": good, "logins": None}, _tokenizer()).num_rows == 1
