@@ -209,6 +209,19 @@ def fit_tokenizer(train_events, cfg, n_train_users: int) -> Tokenizer:
     return Tokenizer(categorical=categorical, numeric=numeric, fit=fit)
 
 
+def load_tokenizer(path: str) -> tuple[Tokenizer, str]:
+    """`tokenizer=`: a tokenizer.json, or a plm-prep output folder holding one -> (tokenizer, uri)."""
+    loc = Location.of(path)
+    if loc.is_dir():
+        loc = loc.child("tokenizer.json")
+    if not loc.exists():
+        raise FileNotFoundError(f"tokenizer={path}: no tokenizer.json there")
+    try:
+        return Tokenizer.from_dict(loc.read_json()), loc.uri
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"tokenizer={path}: not a plm-prep tokenizer.json ({type(e).__name__}: {e})") from e
+
+
 def split_stats(events, max_events: int, stride: int) -> dict[str, dict]:
     """{split: {users, windows, events}} from per-user event counts (one small aggregation;
     the window count per user follows from its history length, see `T.build_windows`)."""
@@ -292,6 +305,7 @@ def run_prep(cfg, spark=None) -> dict:
 
     raw, out = Location.of(cfg.raw), Location.of(cfg.out)
     inputs, labels = discover_inputs(raw)  # raises before anything is written
+    given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None  # likewise
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out={cfg.out} exists and is a file, not a folder")
     if out.exists() and not out.is_empty_dir():
@@ -318,7 +332,7 @@ def run_prep(cfg, spark=None) -> dict:
     spark = spark or spark_session(cfg.spark)
     timings["spark_start_s"] = time.perf_counter() - t
     try:
-        manifest = _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings)
+        manifest = _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, given)
     except BaseException:
         staging.delete()
         raise
@@ -336,7 +350,7 @@ def run_prep(cfg, spark=None) -> dict:
     return manifest
 
 
-def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings) -> dict:
+def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, given=None) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -421,18 +435,19 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings) 
     stats = split_stats(events, cfg.max_events, cfg.stride)
     train = events.where(F.col("split") == "train")
     n_train_users = int(stats["train"]["users"]) if "train" in stats else 0
-    if n_train_users == 0:
+    if n_train_users == 0 and given is None:
         raise ValueError("no training users: every user hashed into val/test; lower val_fraction/test_fraction")
     for f in flagged_frames:
         f.unpersist()
     timings["features_s"] = time.perf_counter() - t
 
-    # 3. fit the tokenizer on training users only
+    # 3. fit the tokenizer on training users only (or apply a given one, unchanged)
     t = time.perf_counter()
-    tokenizer = fit_tokenizer(train, cfg, n_train_users)
+    tokenizer = given[0] if given else fit_tokenizer(train, cfg, n_train_users)
     staging.child("tokenizer.json").write_json(tokenizer.to_dict())
     timings["fit_tokenizer_s"] = time.perf_counter() - t
-    log("tokenizer: " + ", ".join(f"{k}={v}" for k, v in tokenizer.vocab_sizes().items()))
+    log(("tokenizer (given, " + given[1] + "): " if given else "tokenizer: ")
+        + ", ".join(f"{k}={v}" for k, v in tokenizer.vocab_sizes().items()))
 
     # 4. tokenise, window, write the shards of every split in one job
     t = time.perf_counter()
@@ -471,7 +486,8 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings) 
         "labels": labels_info,
         "accounting": accounting,
         "quarantine": quarantine_files,
-        "tokenizer": {"path": "tokenizer.json", "vocab_sizes": tokenizer.vocab_sizes()},
+        "tokenizer": {"path": "tokenizer.json", "vocab_sizes": tokenizer.vocab_sizes(),
+                      "fitted": given is None, **({"source": given[1]} if given else {})},
         "splits": splits,
         "shard_columns": shard_columns,
     }

@@ -81,6 +81,10 @@ class Location:
         with self.fs.open_output_stream(self.path) as f:
             f.write((json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
+    def read_json(self):
+        with self.fs.open_input_stream(self.path) as f:
+            return json.loads(f.read().decode())
+
     def read_parquet_meta(self, path: str) -> pq.FileMetaData:
         with self.fs.open_input_file(path) as f:
             return pq.ParquetFile(f).metadata

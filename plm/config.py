@@ -59,6 +59,9 @@ class PrepConfig:
     max_events: int = 512  # window length (events)
     stride: int = 256  # step between window ends for histories longer than max_events
     rows_per_shard: int = 20_000  # windows per output Parquet shard (approximate)
+    # A tokenizer.json (or a plm-prep output folder holding one) to apply instead of fitting one:
+    # new data or a new cut-off tokenised for an existing model (vocab.* and bins.* then unused).
+    tokenizer: str | None = None
     vocab: VocabConfig = field(default_factory=VocabConfig)
     bins: BinsConfig = field(default_factory=BinsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)

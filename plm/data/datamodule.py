@@ -3,7 +3,7 @@
 
 Example::
 
-    dm = PLMDataModule("runs/demo/prepared", max_len=256, batch_mode="packed", max_tokens=8192,
+    dm = PLMDataModule("runs/demo/pipeline/prepared", max_len=256, batch_mode="packed", max_tokens=8192,
                        num_workers=2, seed=0)
     model = PLM(cfg, field_vocab_sizes=dm.vocab_sizes)
     trainer.fit(model, datamodule=dm)      # resumes exactly from a mid-epoch checkpoint

@@ -10,7 +10,7 @@ Example::
 
     from plm.eval.config import EvalConfig
     from plm.eval.run import run_eval
-    rep = run_eval(EvalConfig(embeddings="runs/demo/embeddings", raw="runs/demo/raw", out="runs/demo/eval"),
+    rep = run_eval(EvalConfig(embeddings="runs/demo/pipeline/embeddings", raw="runs/demo/raw", out="runs/demo/eval"),
                    extra_sections={"next-event (decoder)": {"mcc": {"accuracy": 0.41, "top5": 0.77}}})
     rep["tasks"]["churn"]["results"]["embedding_linear"]["roc_auc"]["value"]
 """

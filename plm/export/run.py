@@ -169,7 +169,8 @@ def check_vocab(loaded: LoadedModel, vocab_sizes: dict[str, int], where: str) ->
         raise ValueError(
             f"checkpoint {loaded.path} was trained on another tokenizer than {where}: fields "
             + ", ".join(f"{f} (model {a}, data {b})" for f, (a, b) in sorted(bad.items())[:6])
-            + ". Export with the prepared folder the model was trained on (or re-tokenise with its tokenizer.json)."
+            + ". Export with the prepared folder the model was trained on, or prepare this data with its "
+            "tokenizer: plm-prep raw=... out=... tokenizer=<the training prepared folder>."
         )
 
 

@@ -1,6 +1,6 @@
 """Embed raw events of a few users without Spark: what a scoring service calls.
 
-    emb = UserEmbedder.from_files("runs/demo/train/final.pt", "runs/demo/prepared")
+    emb = UserEmbedder.from_files("runs/demo/pipeline/train/final.pt", "runs/demo/pipeline/prepared")
     table = emb.embed_raw({"payments": payments, "logins": logins}, cutoff="2024-06-01T00:00:00Z")
     # -> pa.Table: user_id, embedding fixed_size_list<float32>[d], n_events (sorted by user_id)
 

@@ -69,6 +69,25 @@ def test_same_input_same_shards_and_tokenizer(world, tmp_path, spark, prep_confi
         assert a.schema == b.schema and repr(a.to_pylist()) == repr(b.to_pylist()), f
 
 
+def test_given_tokenizer_is_applied_not_refitted(world, tmp_path, spark, prep_config):
+    """`tokenizer=<earlier prep folder>` with vocab settings that would fit another tokenizer:
+    the earlier tokenizer is applied unchanged, so the shards equal the earlier run's."""
+    root, _ = world
+    from plm.config import VocabConfig
+
+    first = root / "prep"
+    m = run_prep(prep_config(root / "raw", tmp_path / "given", max_events=64, stride=32,
+                             vocab=VocabConfig(min_count=1), tokenizer=str(first)), spark=spark)
+    assert m["tokenizer"]["fitted"] is False and m["tokenizer"]["source"].endswith("tokenizer.json")
+    assert (first / "tokenizer.json").read_bytes() == (tmp_path / "given" / "tokenizer.json").read_bytes()
+    for split in ("train", "test"):
+        f = first / m["splits"][split]["shards"][0]["path"]
+        g = tmp_path / "given" / m["splits"][split]["shards"][0]["path"]
+        assert repr(pq.read_table(f).to_pylist()) == repr(pq.read_table(g).to_pylist())
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        run_prep(prep_config(root / "raw", tmp_path / "x", tokenizer=str(tmp_path)), spark=spark)
+
+
 def test_bad_overrides_fail_with_a_message_naming_them(tmp_path):
     p = run("plm-prep", "raw=x", "out=y", "max_evnts=3", check=False)
     assert p.returncode != 0 and "max_evnts" in p.stderr
