@@ -53,11 +53,22 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
                 print(f"plm-{config_name}: error: {need} {'is' if len(keys) == 1 else 'are'} required "
                       f"(`plm-{config_name} --help` shows the config)", file=sys.stderr)
                 sys.exit(2)
+            _one_lightning_log()
             return fn(obj)
 
         return hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(task)
 
     return deco
+
+
+def _one_lightning_log() -> None:
+    """Lightning's `lightning` logger has its own console handler ("INFO: ..."), and its records
+    also reached hydra's root handler: every line was printed twice. Stop at Lightning's handler
+    (set before Lightning is imported, which leaves `propagate` alone)."""
+    import logging
+
+    if logging.getLogger().handlers:
+        logging.getLogger("lightning").propagate = False
 
 
 @contextlib.contextmanager

@@ -424,4 +424,12 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path) -> None:
              and any(i in weights for i in n.input)]
     if not nodes:
         raise RuntimeError(f"{src}: no block projection found to quantise (unexpected node names)")
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes)
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # ORT logs one INFO line per fp32 tensor on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes)
+    finally:
+        root.setLevel(level)

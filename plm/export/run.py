@@ -149,6 +149,11 @@ def check_config(cfg: ExportConfig) -> None:
         raise ValueError(f"trainer.precision={t.precision} is for GPUs; use trainer.precision=32-true on CPU")
     if cfg.index != "none":
         try:
+            import logging
+
+            # faiss's loader logs every instruction-set build it could not load (INFO, with a
+            # ModuleNotFoundError text) before it finds the generic one: not a problem, not shown
+            logging.getLogger("faiss.loader").setLevel(logging.WARNING)
             import faiss  # noqa: F401
         except ImportError as e:
             raise SystemExit(f"plm-export index={cfg.index} needs faiss-cpu (pip install faiss-cpu): {e}") from None
