@@ -91,16 +91,23 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     raw, out = Path(cfg.raw), Path(cfg.out)
     if not raw.is_dir():
         raise FileNotFoundError(f"raw folder {raw} does not exist")
+    paths = {"prepared": out / "prepared", "train": out / "train", "embeddings": out / "embeddings",
+             "report": out / "report"}
+    # the training config is composed before anything is touched: a misspelt preset or override
+    # fails at once, not after the Spark job (and not after overwrite=true emptied `out`)
+    tcfg = (compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))
+            if "train" in cfg.stages else None)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out={out} is a file, not a folder")
     if out.exists() and cfg.stages[0] == "prep" and any(out.iterdir()):
         if not cfg.overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass overwrite=true to replace it")
+        ours = {p.name for p in paths.values()} | {"pipeline.json"}
+        other = sorted(c.name for c in out.iterdir() if c.name not in ours and not c.name.endswith(".__staging__"))
+        if other:  # overwrite=true replaces an earlier pipeline run only, never other data
+            raise FileExistsError(f"out={out} holds other data ({', '.join(other[:5])}); overwrite=true replaces "
+                                  "only the outputs of an earlier plm-pipeline run: pick another out")
         shutil.rmtree(out)
-    paths = {"prepared": out / "prepared", "train": out / "train", "embeddings": out / "embeddings",
-             "report": out / "report"}
-    # the training config is composed before any stage runs: a misspelt preset or override fails
-    # at once, not after the Spark job
-    tcfg = (compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))
-            if "train" in cfg.stages else None)
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"raw": str(raw.resolve()), "out": str(out.resolve()), "preset": cfg.preset,
                     "train_overrides": list(cfg.train_overrides), "stages_run": list(cfg.stages), "stages": {}}

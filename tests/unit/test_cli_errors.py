@@ -63,3 +63,24 @@ def test_misspelt_training_preset_fails_before_any_stage(tmp_path):
     with pytest.raises(ValueError, match="cpu_small"):
         run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), preset="cpu_small"))
     assert not (tmp_path / "out").exists()
+    # an earlier run's folder is not emptied by overwrite=true before the preset is checked
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    (tmp_path / "out" / "pipeline.json").write_text("{}")
+    with pytest.raises(ValueError, match="cpu_small"):
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), preset="cpu_small",
+                                    overwrite=True))
+    assert (tmp_path / "out" / "pipeline.json").exists()
+
+
+def test_pipeline_overwrite_replaces_only_its_own_outputs(tmp_path):
+    from plm.pipeline import PipelineConfig, run_pipeline
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("x")
+    with pytest.raises(FileExistsError, match=r"holds other data \(thesis.tex\)"):
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), overwrite=True))
+    assert (tmp_path / "out" / "thesis.tex").read_text() == "x"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "afile"), overwrite=True))
