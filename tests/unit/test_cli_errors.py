@@ -84,3 +84,18 @@ def test_pipeline_overwrite_replaces_only_its_own_outputs(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "afile"), overwrite=True))
+
+
+def test_help_shows_the_tools_own_keys_only():
+    """`plm-prep --help`: its usage line and config, not plm-train's config groups."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "plm-prep"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "plm.cli.prep"]
+    r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    assert r.stdout.startswith("plm-prep raw=DIR out=DIR")
+    assert "max_events: 512" in r.stdout and "tokenizer: null" in r.stdout
+    assert "Configuration groups" not in r.stdout and "objective:" not in r.stdout
