@@ -67,9 +67,8 @@ def compose_train(prepared: str, run_dir: str, preset: str, overrides: list[str]
             with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
                 cfg = compose("train", overrides=over)
         t = OmegaConf.to_object(cfg)
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"preset={preset} train_overrides={list(overrides)}: {first}") from e
+    except (HydraException, OmegaConfBaseException) as e:  # whole message: hydra lists the options
+        raise ValueError(f"preset={preset} train_overrides={list(overrides)}: {str(e).strip() or type(e).__name__}") from e
     if not t.name:
         t.name = ",".join([preset, *overrides])[:128]
     return t
@@ -88,6 +87,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise ValueError(f"stages has unknown names {bad}; known: {list(STAGES)}")
+    if not cfg.stages or list(cfg.stages) != [s for s in STAGES if s in cfg.stages] or len(set(cfg.stages)) != len(cfg.stages):
+        raise ValueError(f"stages={list(cfg.stages)}: name one or more of {list(STAGES)}, once each, in that order")
     raw, out = Path(cfg.raw), Path(cfg.out)
     if not raw.is_dir():
         raise FileNotFoundError(f"raw folder {raw} does not exist")
@@ -97,13 +98,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # fails at once, not after the Spark job (and not after overwrite=true emptied `out`)
     tcfg = (compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))
             if "train" in cfg.stages else None)
+    if "prep" in cfg.stages and cfg.prep.tokenizer:  # read before overwrite=true may empty OUT
+        from data_prep.prep import load_tokenizer
+
+        load_tokenizer(cfg.prep.tokenizer)
+        if Path(cfg.prep.tokenizer).resolve().is_relative_to(out.resolve()) and cfg.overwrite:
+            raise ValueError(f"prep.tokenizer={cfg.prep.tokenizer} lies inside out={out}, which overwrite=true "
+                             "empties first: copy it elsewhere")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out={out} is a file, not a folder")
     if out.exists() and cfg.stages[0] == "prep" and any(out.iterdir()):
         if not cfg.overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass overwrite=true to replace it")
         ours = {p.name for p in paths.values()} | {"pipeline.json"}
-        other = sorted(c.name for c in out.iterdir() if c.name not in ours and not c.name.endswith(".__staging__"))
+        other = sorted(c.name for c in out.iterdir()
+                       if c.name not in ours and not c.name.endswith(".__staging__") and not c.name.startswith("."))
         if other:  # overwrite=true replaces an earlier pipeline run only, never other data
             raise FileExistsError(f"out={out} holds other data ({', '.join(other[:5])}); overwrite=true replaces "
                                   "only the outputs of an earlier plm-pipeline run: pick another out")
@@ -115,10 +124,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if cfg.stages[0] != "prep" and earlier.exists():
         # a partial rerun keeps the records of the stages it does not run (marked as earlier)
         try:
-            old = json.loads(earlier.read_text()).get("stages", {})
+            prev = json.loads(earlier.read_text())
         except (OSError, ValueError):
-            old = {}
-        record["stages"] = {k: {**v, "earlier_run": True} for k, v in old.items() if k not in cfg.stages}
+            prev = {}
+        prev = prev if isinstance(prev, dict) else {}
+        old = prev.get("stages") if isinstance(prev.get("stages"), dict) else {}
+        record["stages"] = {k: {**v, "earlier_run": True} for k, v in old.items()
+                            if k in STAGES and k not in cfg.stages and isinstance(v, dict)}
+        if "train" not in cfg.stages:  # the model in OUT is the earlier run's: record its recipe
+            for k in ("preset", "train_overrides"):
+                if k in prev:
+                    record[k] = prev[k]
     labels = raw / "labels.parquet"
 
     def stage(name: str, fn) -> None:

@@ -53,7 +53,7 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
                 print(f"plm-{config_name}: error: {need} {'is' if len(keys) == 1 else 'are'} required "
                       f"(`plm-{config_name} --help` shows the config)", file=sys.stderr)
                 sys.exit(2)
-            _one_lightning_log()
+            _one_lightning_log(config_name)
             return fn(obj)
 
         return hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(task)
@@ -61,14 +61,21 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
     return deco
 
 
-def _one_lightning_log() -> None:
-    """Lightning's `lightning` logger has its own console handler ("INFO: ..."), and its records
-    also reached hydra's root handler: every line was printed twice. Stop at Lightning's handler
-    (set before Lightning is imported, which leaves `propagate` alone)."""
+def _one_lightning_log(config_name: str) -> None:
+    """Lightning adds its own stderr handler ("INFO: ...") to the `lightning` logger when it is
+    imported, and its records also reach hydra's root handler (stdout): every line was printed
+    twice. Import it now and drop that handler, so each line is printed once, on stdout with the
+    rest of the run's output (tools that never use Lightning are left alone)."""
     import logging
 
-    if logging.getLogger().handlers:
-        logging.getLogger("lightning").propagate = False
+    if config_name in ("synth", "prep") or not logging.getLogger().handlers:
+        return
+    import lightning  # noqa: F401  (adds the handler)
+
+    lg = logging.getLogger("lightning")
+    for h in list(lg.handlers):
+        if type(h) is logging.StreamHandler:
+            lg.removeHandler(h)
 
 
 @contextlib.contextmanager

@@ -406,6 +406,10 @@ def encode_raw(
     for source, t in tables.items():
         if t is None:
             continue
+        for c in RAW_SOURCES[source]:  # an all-null column of a few users' rows has Arrow type null
+            i = t.schema.get_field_index(c.name)
+            if i >= 0 and pa.types.is_null(t.schema.field(i).type):
+                t = t.set_column(i, c.name, pa.nulls(t.num_rows, c.type))
         check_file_schema(source, f"tables['{source}']", t.schema)
         if t.num_rows == 0:
             continue

@@ -90,7 +90,7 @@ def test_partial_rerun_keeps_the_earlier_stage_records(world):
     raw, out, _ = world
     before = json.loads((out / "pipeline.json").read_text())["stages"]
     exe = Path(sys.executable).parent
-    r = subprocess.run([str(exe / "plm-pipeline"), f"raw={raw}", f"out={out}", "stages=[eval]",
+    r = subprocess.run([str(exe / "plm-pipeline"), f"raw={raw}", f"out={out}", "stages=[eval]", "preset=next_tiny",
                         "eval.bootstrap=5", "eval.folds=3", "eval.progress=false", "eval.plots=false"],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -99,3 +99,4 @@ def test_partial_rerun_keeps_the_earlier_stage_records(world):
     for k in ("prep", "train", "export"):
         assert rec["stages"][k] == {**before[k], "earlier_run": True}
     assert "earlier_run" not in rec["stages"]["eval"]
+    assert rec["preset"] == "cpu-small"  # the model in OUT is the earlier run's, not this command's preset

@@ -76,6 +76,9 @@ def test_pipeline_overwrite_replaces_only_its_own_outputs(tmp_path):
     from plm.pipeline import PipelineConfig, run_pipeline
 
     (tmp_path / "raw").mkdir()
+    for stages in ([], ["train", "prep"], ["eval", "eval"]):
+        with pytest.raises(ValueError, match="once each, in that order"):
+            run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "o"), stages=stages))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.tex").write_text("x")
     with pytest.raises(FileExistsError, match=r"holds other data \(thesis.tex\)"):

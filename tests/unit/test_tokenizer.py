@@ -177,3 +177,8 @@ def test_encode_raw_checks_the_contract_like_plm_prep():
     with pytest.raises(ContractError, match=r"column 'amount' \(payments\) has type string; expected double"):
         encode_raw({"payments": text}, _tokenizer())
     assert encode_raw({"payments": good, "logins": None}, _tokenizer()).num_rows == 1
+    # a few users' rows from pa.Table.from_pylist: an all-null optional column has type null
+    rows = [{**r, "mcc": None, "device_id": None} for r in good.to_pylist()]
+    loose = pa.Table.from_pylist(rows)
+    assert pa.types.is_null(loose.schema.field("mcc").type)
+    assert encode_raw({"payments": loose}, _tokenizer()).column("mcc").to_pylist() == [[MISSING]]
