@@ -18,6 +18,16 @@ UTC = dt.timezone.utc
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
+def cli(tool: str, *args: str, cwd=None, env=None, timeout: int = 120):
+    """Run console script `plm-<tool>` (or `python -m plm.cli.<tool>` where it is not installed)
+    with hydra overrides `args`; the CompletedProcess (text, stdout/stderr captured)."""
+    import subprocess
+
+    script = Path(sys.executable).with_name(f"plm-{tool}")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", f"plm.cli.{tool}"]
+    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def bench_module(name: str):
     """Generator for a fixture: `bench/<name>.py` (scripts, not a package) imported as module
     `bench_<name>`, unregistered afterwards. `yield from bench_module("prep")`."""

@@ -1,6 +1,9 @@
 """`plm.cli.app.cli_errors`: the one place every console script turns bad input into one line."""
 
+import os
+
 import pytest
+from conftest import cli
 
 from plm.cli.app import cli_errors
 from plm.data.schema import ContractError
@@ -37,14 +40,7 @@ def test_export_refuses_training_keys_of_the_trainer_group():
 
 def test_missing_required_keys_are_named_in_one_line():
     """A required key left unset (`???` in conf/) ends the tool in one line naming every such key."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    exe = Path(sys.executable).parent / "plm-export"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "plm.cli.export"]
-    r = subprocess.run([*cmd, "pooling=mean"], capture_output=True, text=True, timeout=120,
-                       env={k: v for k, v in __import__("os").environ.items() if k != "HYDRA_FULL_ERROR"})
+    r = cli("export", "pooling=mean", env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"})
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
         "plm-export: error: ckpt=... data=... out=... are required (`plm-export --help` shows the config)")
@@ -91,13 +87,7 @@ def test_pipeline_overwrite_replaces_only_its_own_outputs(tmp_path):
 
 def test_help_shows_the_tools_own_keys_only():
     """`plm-prep --help`: its usage line and config, not plm-train's config groups."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    exe = Path(sys.executable).parent / "plm-prep"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "plm.cli.prep"]
-    r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+    r = cli("prep", "--help")
     assert r.returncode == 0
     assert r.stdout.startswith("plm-prep raw=DIR out=DIR")
     assert "max_events: 512" in r.stdout and "tokenizer: null" in r.stdout

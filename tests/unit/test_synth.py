@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import cli
 
 from data_prep.synth import COUNTRIES, DIRTY_KINDS, SynthConfig, generate_world, validate, write_world
 from plm.data.schema import RAW_SOURCES, canonical_schema
@@ -44,9 +44,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 def _cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("plm-synth")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "plm.cli.synth"]
-    return subprocess.run([*cmd, *overrides], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return cli("synth", *overrides, cwd=cwd)
 
 
 def test_tables_follow_the_raw_contract(world, tmp_path):
