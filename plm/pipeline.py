@@ -87,7 +87,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise ValueError(f"stages has unknown names {bad}; known: {list(STAGES)}")
-    if not cfg.stages or list(cfg.stages) != [s for s in STAGES if s in cfg.stages] or len(set(cfg.stages)) != len(cfg.stages):
+    if not cfg.stages or list(cfg.stages) != [s for s in STAGES if s in cfg.stages]:  # also catches repeats
         raise ValueError(f"stages={list(cfg.stages)}: name one or more of {list(STAGES)}, once each, in that order")
     raw, out = Path(cfg.raw), Path(cfg.out)
     if not raw.is_dir():

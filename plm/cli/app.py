@@ -65,10 +65,10 @@ def _one_lightning_log(config_name: str) -> None:
     """Lightning adds its own stderr handler ("INFO: ...") to the `lightning` logger when it is
     imported, and its records also reach hydra's root handler (stdout): every line was printed
     twice. Import it now and drop that handler, so each line is printed once, on stdout with the
-    rest of the run's output (tools that never use Lightning are left alone)."""
+    rest of the run's output. Only the tools that run Lightning pay for importing it (~4 s)."""
     import logging
 
-    if config_name in ("synth", "prep") or not logging.getLogger().handlers:
+    if config_name not in ("train", "export", "pipeline") or not logging.getLogger().handlers:
         return
     import lightning  # noqa: F401  (adds the handler)
 
