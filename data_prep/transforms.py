@@ -25,6 +25,7 @@ from plm.data.schema import (
     CATEGORICAL_FIELDS,
     EVENT_TYPE_NAME,
     EVENT_TYPE_ORDER,
+    HASHED_FIELDS,
     MISSING,
     N_SPECIALS,
     NA,
@@ -165,7 +166,8 @@ def to_events(df: DataFrame, source: str) -> DataFrame:
         s("mcc").alias("mcc"),
         s("channel").alias("channel"),
         s("status").alias("status"),
-        s("merchant_id").alias("merchant"),
+        # the raw id never leaves the job: its pseudonym (HASHED_FIELDS, same as the Python twin)
+        F.substring(F.sha2(s("merchant_id"), 256), 1, HASHED_FIELDS["merchant"]).alias("merchant"),
         s(country_col).alias("country"),
         s("auth_method").alias("auth_method"),
         # bool -> "true"/"false", the same strings the pure-Python tokenizer uses

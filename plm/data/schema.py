@@ -162,6 +162,12 @@ class Field:
     doc: str = ""
 
 
+# Identifier fields tokenised by a pseudonym, so that no raw identifier other than `user_id` reaches
+# `tokenizer.json` or any other output: field -> hex digits kept of SHA-256 of the UTF-8 value.
+# Spark (`data_prep.transforms.to_events`: `substring(sha2(x, 256), 1, n)`) and the pure-Python
+# tokenizer (`plm.data.tokenizer.pseudonymise`) compute the same strings.
+HASHED_FIELDS: dict[str, int] = {"merchant": 16}
+
 CATEGORICAL_FIELDS: tuple[Field, ...] = (
     Field("event_type", {s: "event_type" for s in RAW_SOURCES}, "categorical", "payment / login / order"),
     Field("hour", {s: "hour" for s in RAW_SOURCES}, "categorical", "hour of day, UTC (0-23)"),
@@ -174,7 +180,7 @@ CATEGORICAL_FIELDS: tuple[Field, ...] = (
         "merchant",
         {"payments": "merchant_id", "orders": "merchant_id"},
         "categorical",
-        "merchant_id, frequency-capped (tail -> OOV)",
+        "first 16 hex digits of SHA-256(merchant_id) (the raw id never leaves prep), frequency-capped (tail -> OOV)",
     ),
     Field("country", {"payments": "country", "logins": "ip_country"}, "categorical", "payment country / login IP country"),
     Field(

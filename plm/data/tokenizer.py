@@ -19,6 +19,7 @@ Token ids of every field: 0 PAD, 1 MASK, 2 OOV, 3 MISSING, 4 N/A, then the fitte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ import pyarrow.compute as pc
 from plm.data.schema import (
     CATEGORICAL_FIELDS,
     EVENT_TYPE_NAME,
+    HASHED_FIELDS,
     EVENT_TYPE_ORDER,
     LOG_VALUE_FIELDS,
     MISSING,
@@ -47,7 +49,7 @@ from plm.data.schema import (
     value_column,
 )
 
-TOKENIZER_FORMAT_VERSION = "1.1"  # 1.1: device_age
+TOKENIZER_FORMAT_VERSION = "1.2"  # 1.1: device_age; 1.2: merchant vocabulary as SHA-256 pseudonyms
 
 
 @dataclass
@@ -91,8 +93,10 @@ class Tokenizer:
     @classmethod
     def from_dict(cls, d: dict) -> Tokenizer:
         if d.get("format_version") != TOKENIZER_FORMAT_VERSION:
+            hint = (" (format 1.1 kept raw merchant ids; 1.2 keeps their SHA-256 pseudonyms):"
+                    " prepare the data again with this version of plm-prep") if d.get("format_version") == "1.1" else ""
             raise ValueError(
-                f"tokenizer format {d.get('format_version')!r} is not supported (expected {TOKENIZER_FORMAT_VERSION})"
+                f"tokenizer format {d.get('format_version')!r} is not supported (expected {TOKENIZER_FORMAT_VERSION}){hint}"
             )
         return cls(
             categorical={k: list(v) for k, v in d["categorical"].items()},
@@ -248,6 +252,16 @@ def clean_source(
     return kept, quarantine, n_dup
 
 
+def pseudonymise(values: pa.Array | pa.ChunkedArray, digits: int) -> pa.Array:
+    """Strings -> the first `digits` hex digits of SHA-256 of their UTF-8 bytes (nulls stay null),
+    as Spark's `substring(sha2(x, 256), 1, digits)` computes them (see `HASHED_FIELDS`)."""
+    enc = pc.dictionary_encode(values)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    hashed = pa.array([hashlib.sha256(v.encode()).hexdigest()[:digits] for v in enc.dictionary.to_pylist()], pa.string())
+    return pc.take(hashed, enc.indices)
+
+
 def unify(kept: dict[str, pa.Table]) -> pa.Table:
     """Kept rows of each source -> the unified event table (like `data_prep.transforms.to_events`)."""
     parts = []
@@ -278,7 +292,7 @@ def unify(kept: dict[str, pa.Table]) -> pa.Table:
                     "mcc": s("mcc"),
                     "channel": s("channel"),
                     "status": s("status"),
-                    "merchant": s("merchant_id"),
+                    "merchant": pseudonymise(s("merchant_id"), HASHED_FIELDS["merchant"]),
                     "country": s("country" if source == "payments" else "ip_country"),
                     "auth_method": s("auth_method"),
                     "login_success": s("success"),

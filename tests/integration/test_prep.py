@@ -12,8 +12,8 @@ from conftest import login, order, payment, source_table, ts, write_raw
 
 from data_prep.prep import run_prep
 from plm.config import VocabConfig
-from plm.data.schema import OOV, REASONS, ContractError
-from plm.data.tokenizer import Tokenizer, encode_raw
+from plm.data.schema import HASHED_FIELDS, OOV, REASONS, ContractError
+from plm.data.tokenizer import Tokenizer, encode_raw, pseudonymise
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -173,7 +173,8 @@ def test_spark_tokens_equal_pure_python(prepared):
 def test_unseen_values_become_oov_and_vocab_is_train_only(prepared):
     root, _, _ = prepared
     tok = Tokenizer.load(root / "out" / "tokenizer.json")
-    assert "XYZ" not in tok.categorical["currency"] and "never-seen" not in tok.categorical["merchant"]
+    assert "XYZ" not in tok.categorical["currency"]
+    assert pseudonymise(pa.array(["never-seen"]), HASHED_FIELDS["merchant"])[0].as_py() not in tok.categorical["merchant"]
     rows = [r for s in ("train", "val", "test") if (t := read_split(root / "out", s)) for r in t.to_pylist()]
     u5 = [r for r in rows if r["user_id"] == "u005" and r["window_index"] == 0][0]
     assert u5["currency"][-1] == OOV and u5["merchant"][-1] == OOV
@@ -182,7 +183,7 @@ def test_unseen_values_become_oov_and_vocab_is_train_only(prepared):
     pays = pq.read_table(root / "raw" / "payments").to_pylist()
     eval_only = {p["merchant_id"] for p in pays if p["user_id"] not in train_users} - {
         p["merchant_id"] for p in pays if p["user_id"] in train_users}
-    assert not eval_only & set(tok.categorical["merchant"])
+    assert not set(pseudonymise(pa.array(sorted(eval_only)), HASHED_FIELDS["merchant"]).to_pylist()) & set(tok.categorical["merchant"])
     assert tok.fit["train_users"] == len(train_users)
 
 
@@ -199,7 +200,17 @@ def _strings(obj):
 
 
 def test_private_identifiers_never_written(prepared):
+    """device_id nowhere; event_id and merchant_id only in the quarantine (for the data owner):
+    tokenizer.json holds merchant pseudonyms, which the raw events map to."""
     root, _, _ = prepared
+    raw = {s: pq.read_table(root / "raw" / s) for s in ("payments", "logins", "orders")}
+    ids = {v for t in raw.values() for c in ("event_id", "merchant_id") if c in t.column_names
+           for v in t.column(c).to_pylist() if v is not None}
+    merchants = sorted({v for s in ("payments", "orders") for v in raw[s].column("merchant_id").to_pylist() if v})
+    tok = Tokenizer.load(root / "out" / "tokenizer.json")
+    ids -= set(tok.to_dict()["fields"])  # the inline world has an event_id "mcc"
+    assert len(ids) > 100 and len(tok.categorical["merchant"]) >= 5
+    assert set(tok.categorical["merchant"]) <= set(pseudonymise(pa.array(merchants), HASHED_FIELDS["merchant"]).to_pylist())
     n_files = 0
     for f in (root / "out").rglob("*"):
         if f.suffix == ".parquet":
@@ -212,6 +223,8 @@ def test_private_identifiers_never_written(prepared):
             continue
         n_files += 1
         assert not any(v.startswith("dev-secret-") for v in values), f
+        if "quarantine" not in f.parts:
+            assert not values & ids, (f, sorted(values & ids)[:5])
     assert n_files >= 5
 
 

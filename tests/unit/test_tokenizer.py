@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 from conftest import login, order, payment, source_table, ts
 
-from plm.data.schema import MISSING, N_SPECIALS, NA, OOV, ContractError, check_file_schema
+from plm.data.schema import HASHED_FIELDS, MISSING, N_SPECIALS, NA, OOV, ContractError, check_file_schema
 from plm.data.tokenizer import (
     NumericSpec,
     Tokenizer,
@@ -13,6 +13,7 @@ from plm.data.tokenizer import (
     encode_raw,
     history_features,
     numeric_spec_from_sample,
+    pseudonymise,
     unify,
     vocab_from_counts,
     window_bounds,
@@ -54,7 +55,7 @@ def _tokenizer():
     from plm.data.schema import CATEGORICAL_FIELDS, NUMERIC_FIELDS
 
     cat = {f.name: [] for f in CATEGORICAL_FIELDS}
-    cat.update(merchant=["m1", "m2"], currency=["EUR"], event_type=["payment", "login", "order"])
+    cat.update(merchant=pseudonymise(pa.array(["m1", "m2"]), HASHED_FIELDS["merchant"]).to_pylist(), currency=["EUR"], event_type=["payment", "login", "order"])
     num = {f.name: NumericSpec(edges=[], mean=0.0, std=1.0, log=False) for f in NUMERIC_FIELDS}
     num["amount"] = NumericSpec(edges=[10.0, 100.0], mean=1.0, std=2.0, log=True)
     return Tokenizer(categorical=cat, numeric=num)
@@ -67,6 +68,26 @@ def test_tokenizer_json_roundtrip(tmp_path):
     assert back.categorical == tok.categorical and back.numeric == tok.numeric
     assert back.vocab_sizes()["merchant"] == N_SPECIALS + 2
     assert back.vocab_sizes()["amount"] == N_SPECIALS + 3
+
+
+def test_pseudonymise_is_sha256_hex_prefix_and_keeps_nulls():
+    import hashlib
+
+    vals = pa.chunked_array([["m1", None, "m1"], ["é-merchant"]])
+    got = pseudonymise(vals, 16).to_pylist()
+    assert got == [hashlib.sha256(b"m1").hexdigest()[:16], None, hashlib.sha256(b"m1").hexdigest()[:16],
+                   hashlib.sha256("é-merchant".encode()).hexdigest()[:16]]
+    assert pseudonymise(pa.array([], pa.string()), 16).to_pylist() == []
+
+
+def test_old_tokenizer_format_is_refused_with_the_reason(tmp_path):
+    import json
+
+    d = _tokenizer().to_dict()
+    d["format_version"] = "1.1"
+    (tmp_path / "t.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"'1.1' is not supported .*raw merchant ids.*prepare the data again"):
+        Tokenizer.load(tmp_path / "t.json")
 
 
 def test_special_tokens_na_missing_oov():
