@@ -36,7 +36,7 @@ from plm.data.schema import (
     ContractError,
     check_file_schema,
 )
-from plm.data.tokenizer import Tokenizer, numeric_spec_from_sample
+from plm.data.tokenizer import Tokenizer, TokenizerFormatError, numeric_spec_from_sample
 
 # Performance defaults (a user's spark.conf overrides them). JVM settings only take effect when
 # this process starts the JVM (local mode, client mode), not for a session that already runs.
@@ -180,6 +180,16 @@ def check_config(cfg) -> None:
     for key in ("cutoff", "ts_min", "ts_max"):
         if getattr(cfg, key) is not None:
             _parse_time(getattr(cfg, key), key)
+    if cfg.tokenizer:  # nothing is fitted: fitting settings would be recorded but have no effect
+        from dataclasses import asdict, fields
+
+        from plm.config import BinsConfig, VocabConfig
+
+        changed = [f"{group}.{f.name}" for group, default in (("vocab", VocabConfig()), ("bins", BinsConfig()))
+                   for f in fields(default) if asdict(getattr(cfg, group))[f.name] != asdict(default)[f.name]]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} set with tokenizer={cfg.tokenizer}: they fit a tokenizer, and "
+                             "tokenizer= applies an existing one unchanged; drop them (or drop tokenizer= to fit anew)")
 
 
 def fit_tokenizer(train_events, cfg, n_train_users: int) -> Tokenizer:
@@ -218,6 +228,8 @@ def load_tokenizer(path: str) -> tuple[Tokenizer, str]:
         raise FileNotFoundError(f"tokenizer={path}: no tokenizer.json there")
     try:
         return Tokenizer.from_dict(loc.read_json()), loc.uri
+    except TokenizerFormatError as e:
+        raise ValueError(f"tokenizer={path}: {e}") from e
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"tokenizer={path}: not a plm-prep tokenizer.json ({type(e).__name__}: {e})") from e
 

@@ -32,8 +32,8 @@ import pyarrow.compute as pc
 from plm.data.schema import (
     CATEGORICAL_FIELDS,
     EVENT_TYPE_NAME,
-    HASHED_FIELDS,
     EVENT_TYPE_ORDER,
+    HASHED_FIELDS,
     LOG_VALUE_FIELDS,
     MISSING,
     N_SPECIALS,
@@ -50,6 +50,10 @@ from plm.data.schema import (
 )
 
 TOKENIZER_FORMAT_VERSION = "1.2"  # 1.1: device_age; 1.2: merchant vocabulary as SHA-256 pseudonyms
+
+
+class TokenizerFormatError(ValueError):
+    """A tokenizer.json of another format version (e.g. written by an older plm-prep)."""
 
 
 @dataclass
@@ -95,7 +99,7 @@ class Tokenizer:
         if d.get("format_version") != TOKENIZER_FORMAT_VERSION:
             hint = (" (format 1.1 kept raw merchant ids; 1.2 keeps their SHA-256 pseudonyms):"
                     " prepare the data again with this version of plm-prep") if d.get("format_version") == "1.1" else ""
-            raise ValueError(
+            raise TokenizerFormatError(
                 f"tokenizer format {d.get('format_version')!r} is not supported (expected {TOKENIZER_FORMAT_VERSION}){hint}"
             )
         return cls(

@@ -70,14 +70,17 @@ def test_same_input_same_shards_and_tokenizer(world, tmp_path, spark, prep_confi
 
 
 def test_given_tokenizer_is_applied_not_refitted(world, tmp_path, spark, prep_config):
-    """`tokenizer=<earlier prep folder>` with vocab settings that would fit another tokenizer:
-    the earlier tokenizer is applied unchanged, so the shards equal the earlier run's."""
+    """`tokenizer=<earlier prep folder>`: the earlier tokenizer is applied unchanged, so the shards
+    equal the earlier run's; fitting settings beside it are refused (they would do nothing)."""
     root, _ = world
-    from plm.config import VocabConfig
+    from plm.config import BinsConfig, VocabConfig
 
     first = root / "prep"
-    m = run_prep(prep_config(root / "raw", tmp_path / "given", max_events=64, stride=32,
-                             vocab=VocabConfig(min_count=1), tokenizer=str(first)), spark=spark)
+    with pytest.raises(ValueError, match=r"^vocab.min_count, .*bins.n_bins.* set with tokenizer=.*drop them"):
+        run_prep(prep_config(root / "raw", tmp_path / "given", tokenizer=str(first)), spark=spark)  # tiny-data fit settings
+    given = {"vocab": VocabConfig(), "bins": BinsConfig()}  # the defaults: nothing to fit
+    m = run_prep(prep_config(root / "raw", tmp_path / "given", max_events=64, stride=32, tokenizer=str(first), **given),
+                 spark=spark)
     assert m["tokenizer"]["fitted"] is False and m["tokenizer"]["source"].endswith("tokenizer.json")
     assert (first / "tokenizer.json").read_bytes() == (tmp_path / "given" / "tokenizer.json").read_bytes()
     for split in ("train", "test"):
@@ -85,7 +88,12 @@ def test_given_tokenizer_is_applied_not_refitted(world, tmp_path, spark, prep_co
         g = tmp_path / "given" / m["splits"][split]["shards"][0]["path"]
         assert repr(pq.read_table(f).to_pylist()) == repr(pq.read_table(g).to_pylist())
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        run_prep(prep_config(root / "raw", tmp_path / "x", tokenizer=str(tmp_path)), spark=spark)
+        run_prep(prep_config(root / "raw", tmp_path / "x", tokenizer=str(tmp_path), **given), spark=spark)
+    old = json.loads((first / "tokenizer.json").read_text()) | {"format_version": "1.1"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"^tokenizer=.*old.json: tokenizer format '1.1' is not supported.*prepare the data again"):
+        run_prep(prep_config(root / "raw", tmp_path / "x", tokenizer=str(tmp_path / "old.json"), **given), spark=spark)
+    assert not (tmp_path / "x").exists()
 
 
 def test_bad_overrides_fail_with_a_message_naming_them(tmp_path):
