@@ -94,12 +94,15 @@ def fold_ids(task: Task, folds: int, seed: int) -> np.ndarray:
 def lgbm_dataset(X: np.ndarray, params) -> lgb.Dataset:
     """One LightGBM Dataset (feature bins) per feature matrix, shared by every task and fold
     through `subset`: the bin edges are label-free quantiles of all evaluated users' features,
-    like a scaler fitted on them; only labels and rows differ per fold."""
+    like a scaler fitted on them; only labels and rows differ per fold. It carries every
+    Dataset-level parameter the boosters use (`min_data_in_leaf` pre-filters features): a
+    mismatch makes LightGBM rebuild it from the dummy labels, with constant predictions."""
     import lightgbm as lgb
 
     ds = lgb.Dataset(
         np.asarray(X, dtype=np.float64), label=np.zeros(X.shape[0]), free_raw_data=False,
-        params={"max_bin": params.max_bin, "verbose": -1, "num_threads": params.num_threads},
+        params={"max_bin": params.max_bin, "min_data_in_leaf": params.min_child_samples, "verbose": -1,
+                "num_threads": params.num_threads},
     )
     return ds.construct()
 
