@@ -112,8 +112,8 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         arch = hp.get("arch", "auto")
         masked = (hp.get("objective") or {}).get("masked") or {}
         as_of_query = trains_as_of_query(masked)
-        if arch == "auto":
-            arch = "decoder" if (hp.get("objective") or {}).get("name") == "next" else "encoder"
+        if arch == "auto":  # checkpoints before the resolved arch was saved: the weights decide, as in training
+            arch = "decoder" if float(((hp.get("objective") or {}).get("next") or {}).get("weight", 0) or 0) > 0 else "encoder"
     else:
         raise ValueError(f"checkpoint {p} is neither a plm-train final.pt nor a Lightning checkpoint "
                          f"(keys: {sorted(obj)[:8]})")
@@ -325,23 +325,26 @@ def onnx_input_names(vocab_sizes: dict[str, int], numeric_fields: list[str], as_
 class OnnxEmbedder(nn.Module):
     """`Embedder` with positional (B, T) tensor inputs named by `onnx_input_names`."""
 
-    def __init__(self, embedder: Embedder, names: list[str]):
+    def __init__(self, embedder: Embedder, names: list[str], normalize: bool = False):
         super().__init__()
         self.embedder = embedder
         self.names = list(names)
+        self.normalize = normalize
 
     def forward(self, *tensors: Tensor) -> Tensor:
-        return self.embedder(dict(zip(self.names, tensors)))
+        e = self.embedder(dict(zip(self.names, tensors)))
+        return torch.nn.functional.normalize(e, dim=-1) if self.normalize else e
 
 
 def export_onnx(embedder: Embedder, sample: dict[str, Tensor], names: list[str], path: str | Path,
-                opset: int = 17) -> None:
-    """Write `embedder` as an ONNX graph with dynamic batch and sequence axes. `sample` must have
+                opset: int = 17, normalize: bool = False) -> None:
+    """Write `embedder` as an ONNX graph with dynamic batch and sequence axes (`normalize`: the
+    graph L2-normalises its output, like `plm-export normalize=true`). `sample` must have
     padding (some attention_mask False) so that the traced graph is the masked path, valid for
     any batch."""
     if bool(sample["attention_mask"].all()):
         raise ValueError("export_onnx: the sample batch needs at least one padded position")
-    wrapped = OnnxEmbedder(embedder, names).eval()
+    wrapped = OnnxEmbedder(embedder, names, normalize).eval()
     args = tuple(sample[n] for n in names)
     dyn = {n: {0: "batch"} if n == "as_of" else {0: "batch", 1: "events"} for n in names}
     import warnings

@@ -94,7 +94,7 @@ class PretrainModule(pl.LightningModule):
             arch = "decoder" if self.objectives[0][0] == "next" else "encoder"
         if (arch == "decoder") != (self.objectives[0][0] == "next"):
             raise ValueError(f"arch={arch} does not fit objective {[o[0] for o in self.objectives]}")
-        self.arch = arch
+        self.arch = self.hparams["arch"] = arch  # checkpoints record the resolved architecture
         mcfg = model_config_from_dict(model_cfg)
         if any(o[0] == "contrastive" for o in self.objectives) and mcfg.heads.projection_dim == 0:
             pass  # pooled embedding used directly

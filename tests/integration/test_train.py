@@ -73,6 +73,19 @@ def test_run_folder_and_checkpoints(prepared, tmp_path):
     assert list((run / "wandb").glob("offline-run-*"))
 
 
+def test_checkpoints_record_the_architecture_the_weights_chose(prepared, tmp_path):
+    """`objective=masked` re-weighted into next-event prediction trains a decoder: final.pt and the
+    Lightning checkpoints both load as one (the .ckpt used to be read by the preset's name)."""
+    from plm.export.model import load_checkpoint
+
+    out = train(make_cfg(prepared, tmp_path / "dec", "objective=masked", "objective.masked.weight=0",
+                         "objective.next.weight=1", "trainer.max_steps=2", "trainer.val_check_interval=0"))
+    run = Path(out["run_dir"])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["arch"] == "decoder"
+    assert load_checkpoint(run / "final.pt").arch == "decoder"
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt").arch == "decoder"
+
+
 @pytest.mark.parametrize("objective", ["masked", "next", "masked_contrastive"])
 def test_resume_is_exact(prepared, tmp_path, objective):
     common = [f"objective={objective}", "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=3",
