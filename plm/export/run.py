@@ -529,7 +529,7 @@ def _run_onnx(cfg, loaded, dm, embedder, identity, tok: bytes, max_len: int) -> 
         for b in batches:
             b["as_of"] = torch.full((len(b["user_id"]),), embedder.as_of_us, dtype=torch.long)
     sample = _padded_sample(batches)
-    export_onnx(embedder, sample, names, staging / "model.onnx", cfg.opset)
+    export_onnx(embedder, sample, names, staging / "model.onnx", cfg.opset, normalize=cfg.normalize)
     files = {"fp32": "model.onnx"}
     if cfg.quantize == "int8":
         quantize_onnx_int8(staging / "model.onnx", staging / "model.int8.onnx")
@@ -550,7 +550,7 @@ def _run_onnx(cfg, loaded, dm, embedder, identity, tok: bytes, max_len: int) -> 
                     else "float32" if n.endswith("_value") else "int32"} for n in names],
         "output": {"name": "embedding", "shape": ["batch", identity["dim"]], "dtype": "float32"},
         "max_len": max_len,
-        "normalize": "not applied in the graph; L2-normalise the output if you want cosine = dot",
+        "normalize": bool(cfg.normalize),  # true: the graph L2-normalises its output (cosine = dot)
         "agreement": agreement,
         "config": asdict(cfg),
     }

@@ -285,7 +285,8 @@ def test_compile_failure_is_one_clear_error():
 
 def test_onnx_export_agrees_with_eager(trained, tmp_path):
     prep, ckpt = trained
-    rec = run_export(export_cfg(prep, ckpt, tmp_path / "onnx", format="onnx", quantize="int8"))
+    rec = run_export(export_cfg(prep, ckpt, tmp_path / "onnx", format="onnx", quantize="int8", normalize=True))
+    assert rec["normalize"] is True and rec["identity"]["normalized"] is True  # applied in the graph
     assert (tmp_path / "onnx" / "model.onnx").exists() and (tmp_path / "onnx" / "model.int8.onnx").exists()
     assert (tmp_path / "onnx" / "tokenizer.json").exists()
     for k in ("onnx_fp32_vs_fp32", "onnx_int8_vs_fp32"):

@@ -125,6 +125,14 @@ def test_onnx_time_gap_encoder_agrees_with_eager(tmp_path):
         agr = cosine_agreement(ref, got)
         assert agr["cosine_min"] >= 0.9999, agr
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # normalize=true is part of the graph (plm-export format=onnx normalize=true)
+    export_onnx(emb, example_batch(), names, tmp_path / "unit.onnx", normalize=True)
+    b = hard_batch(B=3, T=40, seed=5)
+    got = torch.from_numpy(session(tmp_path / "unit.onnx").run(None, {n: b[n].numpy() for n in names if n in wanted})[0])
+    with torch.no_grad():
+        ref = emb(b)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(3), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, torch.nn.functional.normalize(ref, dim=-1), rtol=1e-4, atol=1e-4)
 
 
 class TimeBuckets(torch.nn.Module):
