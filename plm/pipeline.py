@@ -3,7 +3,7 @@
     OUT/prepared/     plm-prep   (manifest.json, tokenizer.json, train/ val/ test/, quarantine/)
     OUT/train/        plm-train  (config.yaml, checkpoints/, final.pt, csv/metrics.csv, curves.png)
     OUT/embeddings/   plm-export (part-*.parquet, _export.json)
-    OUT/report/       plm-eval   (report.md, report.json, PNGs), when RAW/labels.parquet exists;
+    OUT/report/       plm-eval   (report.md, report.json, PNGs), when RAW/labels.parquet (or eval.labels) exists;
                                  a decoder preset adds its next-event metrics to the report
     OUT/pipeline.json what each stage consumed and produced, with timings
 
@@ -42,7 +42,7 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # run these (in order); others must exist
     prep: PrepConfig = field(default_factory=PrepConfig)  # raw/out are filled in (${raw}, ${out}/prepared)
     export: ExportConfig = field(default_factory=ExportConfig)  # ckpt/data/out filled in
-    eval: EvalConfig = field(default_factory=EvalConfig)  # embeddings/labels/raw/out filled in
+    eval: EvalConfig = field(default_factory=EvalConfig)  # embeddings/raw/out filled in; labels: default RAW/labels.parquet
 
 
 ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
@@ -83,6 +83,26 @@ def torch_load_arch(path: Path) -> str | None:
     return torch.load(path, map_location="cpu", weights_only=True).get("arch")
 
 
+def check_filled_keys(cfg: PipelineConfig, raw: Path, paths: dict[str, Path]) -> None:
+    """The stage keys the pipeline fills in itself (where each stage reads and writes): a
+    ValueError naming any that is set to something else, instead of ignoring it."""
+    fixed = {
+        "prep.raw": raw, "prep.out": paths["prepared"],
+        "export.ckpt": paths["train"] / "final.pt", "export.data": paths["prepared"], "export.out": paths["embeddings"],
+        "eval.embeddings": paths["embeddings"], "eval.out": paths["report"], "eval.raw": raw,
+        "eval.ckpt": paths["train"] / "final.pt", "eval.data": paths["prepared"],
+    }
+    bad = []
+    for key, want in fixed.items():
+        group, name = key.split(".")
+        got = getattr(getattr(cfg, group), name)
+        if got not in (None, "", "???") and Path(str(got)) != want:
+            bad.append(f"{key}={got}")
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: plm-pipeline sets these itself (from raw= and out=: OUT/prepared, "
+                         "OUT/train, OUT/embeddings, OUT/report); drop them, or run the stage's own CLI")
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
@@ -94,6 +114,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         raise FileNotFoundError(f"raw folder {raw} does not exist")
     paths = {"prepared": out / "prepared", "train": out / "train", "embeddings": out / "embeddings",
              "report": out / "report"}
+    check_filled_keys(cfg, raw, paths)
+    labels = Path(cfg.eval.labels) if cfg.eval.labels else raw / "labels.parquet"
+    if cfg.eval.labels and "eval" in cfg.stages and not labels.exists():
+        raise FileNotFoundError(f"eval.labels={cfg.eval.labels} does not exist")
     # the training config is composed before anything is touched: a misspelt preset or override
     # fails at once, not after the Spark job (and not after overwrite=true emptied `out`)
     tcfg = (compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))
@@ -135,7 +159,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             for k in ("preset", "train_overrides"):
                 if k in prev:
                     record[k] = prev[k]
-    labels = raw / "labels.parquet"
 
     def stage(name: str, fn) -> None:
         if name not in cfg.stages:

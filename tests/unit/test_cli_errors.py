@@ -92,3 +92,25 @@ def test_help_shows_the_tools_own_keys_only():
     assert r.stdout.startswith("plm-prep raw=DIR out=DIR")
     assert "max_events: 512" in r.stdout and "tokenizer: null" in r.stdout
     assert "Configuration groups" not in r.stdout and "objective:" not in r.stdout
+
+
+def test_pipeline_refuses_stage_keys_it_sets_itself(tmp_path):
+    """plm-pipeline fills each stage's inputs and outputs from raw= and out=: setting one of them
+    otherwise, or a training key of the export's trainer group, is an error, not ignored."""
+    from plm.eval.config import EvalConfig
+    from plm.pipeline import PipelineConfig, run_pipeline
+
+    (tmp_path / "raw").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    base = [f"raw={tmp_path / 'raw'}", f"out={tmp_path / 'out'}", "stages=[eval]"]
+    r = cli("pipeline", *base, f"eval.out={tmp_path / 'elsewhere'}", "export.data=x", env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-2].startswith(
+        f"plm-pipeline: error: export.data=x, eval.out={tmp_path / 'elsewhere'}: plm-pipeline sets these itself")
+    r = cli("pipeline", *base, "export.trainer.max_steps=5", env=env)
+    assert r.returncode == 2 and "trainer.max_steps: plm-export reads only" in r.stderr, r.stderr[-2000:]
+    # eval.labels is honoured (labels kept elsewhere), and a wrong path is named
+    with pytest.raises(FileNotFoundError, match=r"eval.labels=.*nope.parquet does not exist"):
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), stages=["eval"],
+                                    eval=EvalConfig(labels=str(tmp_path / "nope.parquet"))))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "elsewhere").exists()
