@@ -104,7 +104,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    csv: bool = True  # always written (metrics.csv in the run folder)
+    # metrics.csv is always written (curves.png and plm-sweep-report read it); no switch for it
     wandb: bool = True
     wandb_mode: str = "offline"  # offline | online | disabled
     project: str = "plm"

@@ -122,6 +122,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     loggers.append(csv_logger)
     wandb_logger = None
     if cfg.logger.wandb and cfg.logger.wandb_mode != "disabled":
+        env_mode = os.environ.get("WANDB_MODE")
+        if env_mode and env_mode != cfg.logger.wandb_mode:
+            print(f"plm-train: WANDB_MODE={env_mode} in the environment overrides logger.wandb_mode={cfg.logger.wandb_mode}",
+                  flush=True)
         os.environ.setdefault("WANDB_MODE", cfg.logger.wandb_mode)
         os.environ.setdefault("WANDB_SILENT", "true")
         from lightning.pytorch.loggers import WandbLogger
