@@ -83,6 +83,9 @@ class DataConfig:
         for name in ("eval_max_len", "max_batch_size", "num_workers", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DataConfig.{name}={getattr(self, name)} must be >= 0")
+        if self.batch_mode == "packed" and self.max_batch_size > 0:
+            raise ValueError(f"DataConfig.max_batch_size={self.max_batch_size} caps bucketed batches; packed batches "
+                             "have max_tokens // max_len rows of several users each: set batch_mode=bucketed or drop it")
         if max(self.max_len, self.eval_max_len) > self.max_tokens:
             raise ValueError(
                 f"DataConfig.max_tokens={self.max_tokens} is smaller than one sequence of "

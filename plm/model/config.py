@@ -28,7 +28,7 @@ class EmbeddingConfig:
     # d_model and summed) or "concat" (each field embedded at `field_dim`, concatenated and
     # projected to d_model; keeps large vocabularies cheap).
     combine: str = "sum"
-    field_dim: int = 32  # per-field width for combine=concat and for the field mixer
+    field_dim: int = 32  # per-field width for combine=concat (then also the field mixer's); sum: d_model
     # Field mixing inside each event (hierarchical tabular transformer): number of small
     # bidirectional transformer layers over the fields of one event; 0 switches it off.
     field_mixer_layers: int = 0
@@ -179,6 +179,10 @@ class ModelConfig:
         check(e.numeric in ("bin", "linear", "periodic", "both"), f"unknown embedding.numeric '{e.numeric}'")
         check(e.combine in ("sum", "concat"), f"unknown embedding.combine '{e.combine}'")
         check(e.time_gap in ("none", "periodic"), f"unknown embedding.time_gap '{e.time_gap}'")
+        check(e.combine == "concat" or e.field_dim == EmbeddingConfig.field_dim,
+              f"embedding.field_dim={e.field_dim} applies to combine=concat only: with combine=sum every field "
+              f"(and the field mixer) has width d_model, so set embedding.field_dim={EmbeddingConfig.field_dim} "
+              "(the default; e.g. after model=tiny, whose concat uses 16)")
         if e.field_mixer_layers:
             w = self.d_model if e.combine == "sum" else e.field_dim
             check(w % e.field_mixer_heads == 0, f"field mixer width {w} not divisible by field_mixer_heads")

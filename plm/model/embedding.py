@@ -61,7 +61,8 @@ class EventEmbedding(nn.Module):
     """
 
     def __init__(self, field_vocab_sizes: dict[str, int], numeric_fields: list[str] | tuple[str, ...],
-                 d_model: int, cfg: EmbeddingConfig, norm: str = "rmsnorm", norm_eps: float = 1e-5):
+                 d_model: int, cfg: EmbeddingConfig, norm: str = "rmsnorm", norm_eps: float = 1e-5,
+                 attention: AttentionConfig | None = None):
         super().__init__()
         excluded = set(split_names(cfg.exclude_fields))
         unknown = (excluded | set(numeric_fields)) - set(field_vocab_sizes)
@@ -104,8 +105,10 @@ class EventEmbedding(nn.Module):
             persistent=False)
         self.mixer = None
         if cfg.field_mixer_layers:
+            att = attention or AttentionConfig()  # the model's backend, dropout and bias; the mixer's own heads
             mcfg = ModelConfig(d_model=w, n_layers=cfg.field_mixer_layers, norm=norm, norm_eps=norm_eps,
-                               attention=AttentionConfig(n_heads=cfg.field_mixer_heads),
+                               attention=AttentionConfig(n_heads=cfg.field_mixer_heads, backend=att.backend,
+                                                         dropout=att.dropout, bias=att.bias),
                                ffn=FFNConfig(kind="gelu", hidden=2 * w))
             self.field_id = nn.Parameter(torch.randn(len(self.fields), w) * 0.02)
             self.mixer = nn.ModuleList(Block(mcfg) for _ in range(cfg.field_mixer_layers))

@@ -103,7 +103,7 @@ class EventTransformer(nn.Module):
         self.numeric_fields = list(default_numeric_fields(field_vocab_sizes) if numeric_fields is None
                                    else numeric_fields)
         self.embed = EventEmbedding(self.field_vocab_sizes, self.numeric_fields, cfg.d_model, cfg.embedding,
-                                    cfg.norm, cfg.norm_eps)
+                                    cfg.norm, cfg.norm_eps, cfg.attention)
         self.positions = PositionEncoding(cfg, causal=self.causal)
         e = cfg.embedding
         if e.time_gap != "none" and self.causal:

@@ -61,11 +61,12 @@ def freeze_unused(model, cfg: ObjectiveConfig, names: list[str]) -> list[str]:
     for name in ("projection", "pool_query"):
         if getattr(model, name, None) is not None and not uses_pooled:
             off.append(getattr(model, name))
+    where = {id(m): name for name, m in model.named_modules()}
     frozen = []
     for m in off:
         for n, p in m.named_parameters():
             p.requires_grad_(False)
-            frozen.append(n)
+            frozen.append(f"{where[id(m)]}.{n}")  # named from the model: heads.time.weight, projection.0.bias
     return frozen
 
 
@@ -96,6 +97,9 @@ class PretrainModule(pl.LightningModule):
             raise ValueError(f"arch={arch} does not fit objective {[o[0] for o in self.objectives]}")
         self.arch = self.hparams["arch"] = arch  # checkpoints record the resolved architecture
         mcfg = model_config_from_dict(model_cfg)
+        if arch == "decoder" and mcfg.pooling != "mean":
+            raise ValueError(f"model.pooling={mcfg.pooling} is an encoder option: a decoder's user embedding is the "
+                             "state of its last event (plm-export pooling=model); drop model.pooling")
         if any(o[0] == "contrastive" for o in self.objectives) and mcfg.heads.projection_dim == 0:
             pass  # pooled embedding used directly
         if self.obj_cfg.masked.weight > 0 and self.obj_cfg.masked.replace_prob > 0 and not mcfg.heads.replaced:

@@ -113,6 +113,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         asdict(cfg.model), dict(dm.vocab_sizes), list(dm.numeric_fields), asdict(cfg.objective), asdict(cfg.optim),
         asdict(t), cfg.arch, cfg.seed,
     )
+    if module.arch == "decoder" and module.model.cfg.heads.projection_dim > 0:  # e.g. conf/sweep/objective.yaml
+        print(f"plm-train: model.heads.projection_dim={module.model.cfg.heads.projection_dim} has no effect on a "
+              "decoder (the projection serves the encoder's contrastive objective)", flush=True)
+    if module.frozen:  # built by the model config, trained by no active objective: say so, once
+        serves = {"heads.time": "objective=next", "heads.values": "a regression_weight > 0",
+                  "heads.replaced": "objective.masked.replace_prob > 0", "projection": "a contrastive objective",
+                  "pool_query": "a contrastive objective"}
+        parts = sorted({".".join(n.split(".")[:2]) if n.startswith("heads.") else n.split(".")[0] for n in module.frozen})
+        print(f"plm-train: not trained by {'+'.join(o[0] for o in module.objectives)} (built by the model config, "
+              f"kept at init): {', '.join(f'{p} (serves {serves[p]})' if p in serves else p for p in parts)}", flush=True)
     fpe = flops_per_event(module.model.cfg, context=cfg.data.max_len, decoder=module.arch == "decoder",
                           vocab=dict(dm.vocab_sizes))["train"]
     peak = t.peak_tflops * 1e12 if t.peak_tflops > 0 else default_peak_flops(t.accelerator)

@@ -102,6 +102,9 @@ def test_errors_name_the_problem(prepared, tmp_path):
         PLMDataModule(config=DataConfig())
     with pytest.raises(ValueError, match="max_tokens=8 is smaller than one sequence"):
         dm(prepared, max_tokens=8)
+    with pytest.raises(ValueError, match="max_batch_size=2 caps bucketed batches"):
+        dm(prepared, batch_mode="packed", max_batch_size=2)
+    assert dm(prepared, batch_mode="bucketed", max_batch_size=2).config.max_batch_size == 2
     notok = write_prepared(tmp_path / "notok")
     (notok / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):

@@ -359,3 +359,9 @@ def test_replaced_event_config_is_checked_and_the_unused_head_frozen():
     assert on.model.heads.replaced.weight.requires_grad
     off = module(True)
     assert not off.model.heads.replaced.weight.requires_grad
+    assert "heads.replaced.weight" in off.frozen and "heads.replaced.weight" not in on.frozen  # named from the model
+    # a decoder has no pooling of its own: model.pooling is refused, not ignored
+    cfg, obj = tiny_cfg(), ObjectiveConfig()
+    cfg.pooling, obj.masked.weight, obj.next.weight = "attention", 0.0, 1.0
+    with pytest.raises(ValueError, match="model.pooling=attention is an encoder option"):
+        PretrainModule(asdict(cfg), TOY_VOCAB, list(TOY_NUMERIC), asdict(obj), {})
