@@ -207,7 +207,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             print(f"[plm-pipeline] eval skipped: {labels} does not exist (no labels to evaluate)", flush=True)
             return {"skipped": f"{labels} does not exist"}
         ecfg = replace(cfg.eval, embeddings=str(paths["embeddings"]), labels=str(labels), raw=str(raw),
-                       out=str(paths["report"]), overwrite=True)
+                       out=str(paths["report"]), overwrite=True, ckpt=None, data=None)  # decoder sections: below
         extra = None
         final = paths["train"] / "final.pt"
         if torch_load_arch(final) == "decoder":  # a decoder preset: its next-event metrics join the report

@@ -17,15 +17,7 @@ def main(cfg: EvalConfig) -> None:
     from plm.eval.run import run_eval
 
     with cli_errors("plm-eval"):
-        extra = None
-        if cfg.ckpt:
-            from plm.eval.next_event import decoder_sections
-
-            if not cfg.data:
-                raise ValueError("ckpt= needs data= (the prepared folder the decoder was trained on)")
-            extra = decoder_sections(cfg.ckpt, cfg.data, cfg.next_split, cfg.next_max_batches, cfg.generate_users,
-                                     cfg.generate_horizon, cfg.seed)
-        run_eval(cfg, extra_sections=extra)
+        run_eval(cfg)
 
 
 if __name__ == "__main__":

@@ -287,6 +287,14 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
     """
     t0 = time.perf_counter()
     check_config(cfg)
+    if cfg.ckpt:  # a decoder: its next-event metrics and generated futures join the report
+        from plm.eval.next_event import decoder_sections
+
+        if not cfg.data:
+            raise EvalInputError("ckpt= needs data= (the prepared folder the decoder was trained on)")
+        extra_sections = {**decoder_sections(cfg.ckpt, cfg.data, cfg.next_split, cfg.next_max_batches,
+                                             cfg.generate_users, cfg.generate_horizon, cfg.seed),
+                          **(extra_sections or {})}
     if extra_sections is not None:
         for name, data in extra_sections.items():
             if not isinstance(data, dict):

@@ -130,6 +130,9 @@ def check_config(cfg: ExportConfig) -> None:
                          "the eager model (ONNX Runtime does its own graph optimisation): drop trainer.compile")
     if cfg.format == "onnx" and cfg.index != "none":
         raise ValueError("index= builds a FAISS index over exported embeddings: use it with format=parquet")
+    if cfg.format == "onnx" and (cfg.trainer.devices > 1 or cfg.trainer.num_nodes > 1 or cfg.trainer.strategy != "auto"):
+        raise ValueError("format=onnx writes one graph in one process: trainer.devices/num_nodes/strategy spread a "
+                         "format=parquet export over processes; drop them")
     for name in ("max_tokens", "read_rows", "row_group_size", "agreement_users"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")

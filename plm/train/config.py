@@ -89,7 +89,7 @@ class TrainerConfig:
     num_sanity_val_steps: int = 0
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 200  # 0 = only the last checkpoint at the end
-    save_top_k: int = -1  # keep every periodic checkpoint (-1) or the last k
+    save_top_k: int = -1  # periodic checkpoints kept: -1 every one, 1 the newest, 0 none (last.ckpt always)
     fast_dev_run: bool = False
     enable_progress_bar: bool = True
     deterministic: bool = False

@@ -42,6 +42,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"trainer.max_steps={t.max_steps} must be >= 1")
     if t.accumulate_grad_batches < 1:
         raise ValueError(f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} must be >= 1")
+    if t.save_top_k not in (-1, 0, 1):  # periodic checkpoints have no metric to rank k of them by
+        raise ValueError(f"trainer.save_top_k={t.save_top_k}: -1 keeps every periodic checkpoint, 1 only the newest, "
+                         "0 none (last.ckpt is always kept)")
     if cfg.arch not in ("auto", "encoder", "decoder"):
         raise ValueError(f"arch={cfg.arch!r} is not one of auto, encoder, decoder")
     if (t.require_gpu or t.accelerator in ("gpu", "cuda")) and not torch.cuda.is_available():
@@ -61,7 +64,8 @@ def check_config(cfg: TrainConfig) -> None:
 def _strategy(cfg: TrainConfig):
     t = cfg.trainer
     backend = t.process_group_backend or None
-    if t.strategy == "ddp":
+    if t.strategy == "ddp" or (t.strategy == "auto" and (t.devices > 1 or t.num_nodes > 1)):
+        # auto on several devices is Lightning's DDP: built here so process_group_backend applies
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(process_group_backend=backend, find_unused_parameters=False)

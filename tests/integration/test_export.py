@@ -259,6 +259,10 @@ def test_compiled_int8_export_matches_eager(trained, tmp_path):
     y = np.stack(b.column("embedding").to_numpy(zero_copy_only=False))
     cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
     assert cos.min() > 0.999, cos.min()
+    ddp_onnx = export_cfg(prep, ckpt, tmp_path / "o", format="onnx")
+    ddp_onnx.trainer.devices, ddp_onnx.trainer.strategy = 2, "ddp"
+    with pytest.raises(ValueError, match="format=onnx writes one graph in one process"):
+        run_export(ddp_onnx)
     onnx = export_cfg(prep, ckpt, tmp_path / "o", format="onnx")
     onnx.trainer.compile = True
     with pytest.raises(ValueError, match="trainer.compile=true compiles the eager model"):

@@ -127,6 +127,11 @@ def test_errors_name_the_file_and_column(world, tmp_path):
         run_eval(EvalConfig(embeddings=str(tmp_path / "nope.parquet"), raw=str(root / "raw"), out=str(tmp_path / "o")))
     with pytest.raises(FileNotFoundError, match="labels=.*missing.parquet"):
         run_eval(cfg_for(root, tmp_path / "o", labels=str(tmp_path / "missing.parquet")))
+    # the decoder keys act through the Python API too (they used to be read by the CLI only)
+    with pytest.raises(EvalInputError, match="ckpt= needs data="):
+        run_eval(cfg_for(root, tmp_path / "o", ckpt=str(tmp_path / "final.pt")))
+    with pytest.raises(FileNotFoundError, match="final.pt"):
+        run_eval(cfg_for(root, tmp_path / "o", ckpt=str(tmp_path / "final.pt"), data=str(tmp_path)))
 
     no_uid = tmp_path / "no_uid.parquet"
     pq.write_table(pa.table({"uid": ["a"], "embedding": [[1.0, 2.0]]}), no_uid)

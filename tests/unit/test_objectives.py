@@ -365,3 +365,24 @@ def test_replaced_event_config_is_checked_and_the_unused_head_frozen():
     cfg.pooling, obj.masked.weight, obj.next.weight = "attention", 0.0, 1.0
     with pytest.raises(ValueError, match="model.pooling=attention is an encoder option"):
         PretrainModule(asdict(cfg), TOY_VOCAB, list(TOY_NUMERIC), asdict(obj), {})
+
+
+def test_trainer_options_act_or_fail():
+    """save_top_k other than -1/0/1 is refused (periodic checkpoints have no metric to rank);
+    strategy=auto on several devices builds the DDP strategy itself so process_group_backend acts."""
+    import pytest
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from plm.data.config import DataConfig
+    from plm.train.config import TrainConfig
+    from plm.train.run import _strategy, check_config
+
+    cfg = TrainConfig(data=DataConfig(path="x"))
+    cfg.trainer.save_top_k = 3
+    with pytest.raises(ValueError, match="trainer.save_top_k=3: -1 keeps every periodic checkpoint"):
+        check_config(cfg)
+    cfg.trainer.devices, cfg.trainer.process_group_backend = 2, "gloo"
+    s = _strategy(cfg)
+    assert isinstance(s, DDPStrategy) and s._process_group_backend == "gloo"
+    cfg.trainer.devices = 1
+    assert _strategy(cfg) == "auto"
