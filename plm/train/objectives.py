@@ -171,6 +171,9 @@ class MaskedEventObjective:
         if not all(0 <= p <= 1 for p in (event_prob, field_prob, last_prob)) or event_prob + field_prob + last_prob <= 0:
             raise ValueError(f"masked: need 0 <= event_prob, field_prob, last_prob <= 1, not all 0 "
                              f"(got {event_prob}, {field_prob}, {last_prob})")
+        if last_jitter and last_prob == 0:
+            raise ValueError("masked: last_jitter=true moves the time of the masked last event, which last_prob=0 "
+                             "never masks: set objective.masked.last_prob > 0 or drop last_jitter")
         if not 0 <= replace_prob < 1 or replace_weight < 0:
             raise ValueError(f"masked: need 0 <= replace_prob < 1 and replace_weight >= 0 "
                              f"(got {replace_prob}, {replace_weight})")

@@ -353,6 +353,8 @@ def test_replaced_event_config_is_checked_and_the_unused_head_frozen():
 
     with pytest.raises(ValueError, match="model.heads.replaced=true"):
         module(False, replace_prob=0.1)
+    with pytest.raises(ValueError, match="last_jitter=true .* last_prob=0 never masks"):
+        module(False, last_jitter=True)
     with pytest.raises(ValueError, match="replace_keep.*'hour_of_day'"):
         module(True, replace_prob=0.1, replace_keep="log_dt,hour_of_day")
     on = module(True, replace_prob=0.1)
