@@ -130,6 +130,8 @@ def check_config(cfg: ExportConfig) -> None:
                          "the eager model (ONNX Runtime does its own graph optimisation): drop trainer.compile")
     if cfg.format == "onnx" and cfg.index != "none":
         raise ValueError("index= builds a FAISS index over exported embeddings: use it with format=parquet")
+    if cfg.format == "onnx" and cfg.row_group_size != ExportConfig.row_group_size:
+        raise ValueError(f"row_group_size={cfg.row_group_size} sizes the Parquet embeddings; format=onnx writes none")
     if cfg.format == "onnx" and (cfg.trainer.devices > 1 or cfg.trainer.num_nodes > 1 or cfg.trainer.strategy != "auto"):
         raise ValueError("format=onnx writes one graph in one process: trainer.devices/num_nodes/strategy spread a "
                          "format=parquet export over processes; drop them")

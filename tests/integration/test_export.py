@@ -263,6 +263,8 @@ def test_compiled_int8_export_matches_eager(trained, tmp_path):
     ddp_onnx.trainer.devices, ddp_onnx.trainer.strategy = 2, "ddp"
     with pytest.raises(ValueError, match="format=onnx writes one graph in one process"):
         run_export(ddp_onnx)
+    with pytest.raises(ValueError, match="row_group_size=7 sizes the Parquet embeddings"):
+        run_export(export_cfg(prep, ckpt, tmp_path / "o", format="onnx", row_group_size=7))
     onnx = export_cfg(prep, ckpt, tmp_path / "o", format="onnx")
     onnx.trainer.compile = True
     with pytest.raises(ValueError, match="trainer.compile=true compiles the eager model"):
