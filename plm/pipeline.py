@@ -122,6 +122,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # fails at once, not after the Spark job (and not after overwrite=true emptied `out`)
     tcfg = (compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))
             if "train" in cfg.stages else None)
+    if "prep" in cfg.stages:  # prep's settings are checked before overwrite=true may empty OUT
+        from dataclasses import replace
+
+        from data_prep.prep import check_config as check_prep
+
+        check_prep(replace(cfg.prep, raw=str(raw), out=str(paths["prepared"])))
     if "prep" in cfg.stages and cfg.prep.tokenizer:  # read before overwrite=true may empty OUT
         from data_prep.prep import load_tokenizer
 

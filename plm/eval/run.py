@@ -240,6 +240,9 @@ def check_config(cfg: EvalConfig) -> None:
     """Reject bad values with a message naming the key (before any work)."""
     if cfg.folds < 2:
         raise ValueError(f"folds={cfg.folds} must be >= 2")
+    if cfg.data and not cfg.ckpt:
+        raise ValueError(f"data={cfg.data} is the prepared folder of a decoder checkpoint: it needs ckpt= "
+                         "(the decoder's next-event metrics); drop it otherwise")
     if cfg.bootstrap < 0:
         raise ValueError(f"bootstrap={cfg.bootstrap} must be >= 0")
     if not 0 < cfg.ci < 1:

@@ -180,7 +180,8 @@ def check_vocab(loaded: LoadedModel, vocab_sizes: dict[str, int], where: str) ->
             f"checkpoint {loaded.path} was trained on another tokenizer than {where}: fields "
             + ", ".join(f"{f} (model {a}, data {b})" for f, (a, b) in sorted(bad.items())[:6])
             + ". Export with the prepared folder the model was trained on, or prepare this data with its "
-            "tokenizer: plm-prep raw=... out=... tokenizer=<the training prepared folder>."
+            "tokenizer: plm-prep raw=... out=... tokenizer=<the training prepared folder> (same tokenizer "
+            "format; a model trained on an older format needs its data prepared again and retraining)."
         )
 
 
@@ -295,7 +296,8 @@ def part_writer(staging: Path, identity: dict, schema: pa.Schema, row_group_size
 
 
 def _strategy(t):
-    if t.strategy == "ddp":
+    if t.strategy == "ddp" or (t.strategy == "auto" and (t.devices > 1 or t.num_nodes > 1)):
+        # auto on several devices is Lightning's DDP: built here so process_group_backend applies
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(process_group_backend=t.process_group_backend or None)

@@ -179,10 +179,6 @@ class ModelConfig:
         check(e.numeric in ("bin", "linear", "periodic", "both"), f"unknown embedding.numeric '{e.numeric}'")
         check(e.combine in ("sum", "concat"), f"unknown embedding.combine '{e.combine}'")
         check(e.time_gap in ("none", "periodic"), f"unknown embedding.time_gap '{e.time_gap}'")
-        check(e.combine == "concat" or e.field_dim == EmbeddingConfig.field_dim,
-              f"embedding.field_dim={e.field_dim} applies to combine=concat only: with combine=sum every field "
-              f"(and the field mixer) has width d_model, so set embedding.field_dim={EmbeddingConfig.field_dim} "
-              "(the default; e.g. after model=tiny, whose concat uses 16)")
         if e.field_mixer_layers:
             w = self.d_model if e.combine == "sum" else e.field_dim
             check(w % e.field_mixer_heads == 0, f"field mixer width {w} not divisible by field_mixer_heads")

@@ -105,10 +105,12 @@ class EventEmbedding(nn.Module):
             persistent=False)
         self.mixer = None
         if cfg.field_mixer_layers:
-            att = attention or AttentionConfig()  # the model's backend, dropout and bias; the mixer's own heads
+            # the model's attention backend and dropout, the mixer's own heads, projections without
+            # bias (as in every mixer so far: checkpoints keep loading)
+            att = attention or AttentionConfig()
             mcfg = ModelConfig(d_model=w, n_layers=cfg.field_mixer_layers, norm=norm, norm_eps=norm_eps,
                                attention=AttentionConfig(n_heads=cfg.field_mixer_heads, backend=att.backend,
-                                                         dropout=att.dropout, bias=att.bias),
+                                                         dropout=att.dropout, bias=False),
                                ffn=FFNConfig(kind="gelu", hidden=2 * w))
             self.field_id = nn.Parameter(torch.randn(len(self.fields), w) * 0.02)
             self.mixer = nn.ModuleList(Block(mcfg) for _ in range(cfg.field_mixer_layers))

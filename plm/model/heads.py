@@ -163,9 +163,6 @@ class EventHeads(nn.Module):
                  d_model: int, cfg: HeadsConfig, embedding: nn.Module | None = None):
         super().__init__()
         excluded = set(split_names(cfg.exclude_fields))
-        if excluded - set(field_vocab_sizes):
-            raise ValueError(f"heads.exclude_fields names fields {sorted(excluded - set(field_vocab_sizes))} that are "
-                             f"not in the data (fields: {', '.join(field_vocab_sizes)})")
         self.fields = [f for f in field_vocab_sizes if f not in excluded]
         tied = []
         if cfg.tie and embedding is not None:

@@ -42,6 +42,23 @@ def build_objectives(cfg: ObjectiveConfig) -> list[tuple[str, float, Any]]:
     return out
 
 
+def check_trainable(mcfg, vocab_sizes: dict[str, int]) -> None:
+    """Model options that would have no effect, refused when training starts (not when a
+    checkpoint loads, so models trained before these checks still export)."""
+    from plm.model.config import EmbeddingConfig
+
+    e = mcfg.embedding
+    if e.combine == "sum" and e.field_dim != EmbeddingConfig.field_dim:
+        raise ValueError(f"model.embedding.field_dim={e.field_dim} applies to combine=concat only: with combine=sum "
+                         f"every field (and the field mixer) has width d_model, so set "
+                         f"model.embedding.field_dim={EmbeddingConfig.field_dim} (the default; e.g. after model=tiny, "
+                         "whose concat uses 16)")
+    unknown = sorted(set(split_names(mcfg.heads.exclude_fields)) - set(vocab_sizes))
+    if unknown:
+        raise ValueError(f"model.heads.exclude_fields names fields {unknown} that are not in the data "
+                         f"(fields: {', '.join(vocab_sizes)})")
+
+
 def freeze_unused(model, cfg: ObjectiveConfig, names: list[str]) -> list[str]:
     """Stop gradients of heads no active objective uses (time head, value regressions, projection,
     attention pooling), so DDP needs no find_unused_parameters and FSDP2/optimizer states cover
@@ -97,6 +114,7 @@ class PretrainModule(pl.LightningModule):
             raise ValueError(f"arch={arch} does not fit objective {[o[0] for o in self.objectives]}")
         self.arch = self.hparams["arch"] = arch  # checkpoints record the resolved architecture
         mcfg = model_config_from_dict(model_cfg)
+        check_trainable(mcfg, vocab_sizes)
         if arch == "decoder" and mcfg.pooling != "mean":
             raise ValueError(f"model.pooling={mcfg.pooling} is an encoder option: a decoder's user embedding is the "
                              "state of its last event (plm-export pooling=model); drop model.pooling")

@@ -117,10 +117,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         asdict(cfg.model), dict(dm.vocab_sizes), list(dm.numeric_fields), asdict(cfg.objective), asdict(cfg.optim),
         asdict(t), cfg.arch, cfg.seed,
     )
-    if module.arch == "decoder" and module.model.cfg.heads.projection_dim > 0:  # e.g. conf/sweep/objective.yaml
+    rank0 = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    if rank0 and module.arch == "decoder" and module.model.cfg.heads.projection_dim > 0:  # e.g. conf/sweep/objective.yaml
         print(f"plm-train: model.heads.projection_dim={module.model.cfg.heads.projection_dim} has no effect on a "
               "decoder (the projection serves the encoder's contrastive objective)", flush=True)
-    if module.frozen:  # built by the model config, trained by no active objective: say so, once
+    if rank0 and module.frozen:  # built by the model config, trained by no active objective: say so, once
         serves = {"heads.time": "objective=next", "heads.values": "a regression_weight > 0",
                   "heads.replaced": "objective.masked.replace_prob > 0", "projection": "a contrastive objective",
                   "pool_query": "a contrastive objective"}

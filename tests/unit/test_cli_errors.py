@@ -66,6 +66,13 @@ def test_misspelt_training_preset_fails_before_any_stage(tmp_path):
         run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), preset="cpu_small",
                                     overwrite=True))
     assert (tmp_path / "out" / "pipeline.json").exists()
+    # likewise prep's own settings (here: fitting settings beside an existing tokenizer)
+    from plm.config import PrepConfig, VocabConfig
+
+    with pytest.raises(ValueError, match="vocab.min_count set with tokenizer="):
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), overwrite=True,
+                                    prep=PrepConfig(tokenizer="elsewhere.json", vocab=VocabConfig(min_count=2))))
+    assert (tmp_path / "out" / "pipeline.json").exists()
 
 
 def test_pipeline_overwrite_replaces_only_its_own_outputs(tmp_path):

@@ -128,6 +128,8 @@ def test_errors_name_the_file_and_column(world, tmp_path):
     with pytest.raises(FileNotFoundError, match="labels=.*missing.parquet"):
         run_eval(cfg_for(root, tmp_path / "o", labels=str(tmp_path / "missing.parquet")))
     # the decoder keys act through the Python API too (they used to be read by the CLI only)
+    with pytest.raises(ValueError, match="data=.* needs ckpt="):
+        run_eval(cfg_for(root, tmp_path / "o", data=str(tmp_path)))
     with pytest.raises(EvalInputError, match="ckpt= needs data="):
         run_eval(cfg_for(root, tmp_path / "o", ckpt=str(tmp_path / "final.pt")))
     with pytest.raises(FileNotFoundError, match="final.pt"):

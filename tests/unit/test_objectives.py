@@ -6,6 +6,7 @@ import torch
 
 from plm.model import ModelConfig, PLMDecoder, PLMEncoder
 from plm.model.batch import MASK, N_SPECIALS, PAD, pack_sequences, sequence_index, value_key
+from plm.model.config import EmbeddingConfig
 from plm.model.testing import TOY_NUMERIC, TOY_VOCAB, random_batch, take
 from plm.train.module import lr_lambda
 from plm.train.objectives import (
@@ -332,7 +333,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert 0.1 < lr_lambda(55, 10, 100, 0.1) < 1.0
 
 
-def test_replaced_event_config_is_checked_and_the_unused_head_frozen():
+def test_replaced_event_config_is_checked_and_the_unused_head_frozen(tmp_path):
     """The module refuses replace_prob without the head and an unknown kept field; with the
     head but no swapping, the head is frozen (no unused trainable parameters under DDP)."""
     from dataclasses import asdict
@@ -362,6 +363,24 @@ def test_replaced_event_config_is_checked_and_the_unused_head_frozen():
     off = module(True)
     assert not off.model.heads.replaced.weight.requires_grad
     assert "heads.replaced.weight" in off.frozen and "heads.replaced.weight" not in on.frozen  # named from the model
+    # options with no effect are refused when training starts (checkpoints that have them still load)
+    from plm.export.model import load_checkpoint
+
+    masked = ObjectiveConfig()
+    masked.masked.weight = 1.0
+    with pytest.raises(ValueError, match="model.embedding.field_dim=16 applies to combine=concat only"):
+        PretrainModule(asdict(tiny_cfg(embedding=EmbeddingConfig(combine="sum", field_dim=16))), TOY_VOCAB,
+                       list(TOY_NUMERIC), asdict(masked), {})
+    bad = tiny_cfg()
+    bad.heads.exclude_fields = "merchnt"
+    with pytest.raises(ValueError, match=r"model.heads.exclude_fields names fields \['merchnt'\]"):
+        PretrainModule(asdict(bad), TOY_VOCAB, list(TOY_NUMERIC), asdict(masked), {})
+    old = tiny_cfg(embedding=EmbeddingConfig(combine="sum", field_dim=16))
+    old.heads.exclude_fields = "merchnt"
+    enc = PLMEncoder(old, TOY_VOCAB, list(TOY_NUMERIC))
+    torch.save({"model": enc.state_dict(), "model_config": asdict(old), "vocab_sizes": TOY_VOCAB,
+                "numeric_fields": list(TOY_NUMERIC), "arch": "encoder"}, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").arch == "encoder"
     # a decoder has no pooling of its own: model.pooling is refused, not ignored
     cfg, obj = tiny_cfg(), ObjectiveConfig()
     cfg.pooling, obj.masked.weight, obj.next.weight = "attention", 0.0, 1.0
