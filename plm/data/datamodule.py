@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import warnings
@@ -366,6 +367,8 @@ class PLMDataModule(pl.LightningDataModule):
         tok_rel = (self.manifest.get("tokenizer") or {}).get("path", "tokenizer.json")
         tok = _read_json(self.fs, join(self.root, tok_rel), "the tokenizer written by plm-prep is missing")
         self.tokenizer = Tokenizer.from_dict(tok)
+        with self.fs.open_input_stream(join(self.root, "tokenizer.json")) as fh:  # as plm-export identifies it
+            self.tokenizer_sha256 = hashlib.sha256(fh.read()).hexdigest()
         self.vocab_sizes: dict[str, int] = self.tokenizer.vocab_sizes()
         self.numeric_fields: tuple[str, ...] = tuple(f.name for f in NUMERIC_FIELDS if f.name in self.tokenizer.numeric)
         self.timer = LoaderTimer()

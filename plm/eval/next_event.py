@@ -160,7 +160,7 @@ def decoder_sections(ckpt: str, data: str, split: str = "test", max_batches: int
     """The report sections of a decoder checkpoint on a prepared split (for `run_eval`'s
     `extra_sections`); an encoder checkpoint is an error that says so."""
     from plm.data.datamodule import PLMDataModule, read_manifest
-    from plm.export.model import load_checkpoint
+    from plm.export.model import check_tokenizer, load_checkpoint
     from plm.export.run import check_vocab, training_max_len
 
     loaded = load_checkpoint(ckpt)
@@ -170,6 +170,7 @@ def decoder_sections(ckpt: str, data: str, split: str = "test", max_batches: int
     max_len = training_max_len(loaded, read_manifest(data))
     dm = PLMDataModule(data, max_len=max_len, batch_mode="bucketed", max_tokens=max(8192, max_len))
     check_vocab(loaded, dm.vocab_sizes, data)
+    check_tokenizer(loaded, dm.tokenizer_sha256, f"data={data}")
     model = loaded.model
     loader = dm.loader(dm.stream(split, "eval"), resumable=False)
     nxt = next_event_metrics(model, loader, max_batches=max_batches)

@@ -62,6 +62,18 @@ class LoadedModel:
     sha256: str  # of the checkpoint file: which weights made an embedding
     max_len: int = 0  # sequence length it was trained / evaluated with (0 = not recorded)
     as_of_query: bool = False  # trained with the as-of query (objective.masked.last_prob > 0)
+    tokenizer_sha256: str | None = None  # of the training data's tokenizer.json (None: not recorded)
+
+
+def check_tokenizer(loaded: LoadedModel, tokenizer_sha256: str, where: str) -> None:
+    """The token ids of `where` must mean what the model learnt: same tokenizer.json bytes as the
+    training data's (when the checkpoint records it; plm-prep tokenizer=PATH copies it unchanged)."""
+    if loaded.tokenizer_sha256 and loaded.tokenizer_sha256 != tokenizer_sha256:
+        raise ValueError(
+            f"checkpoint {loaded.path} was trained on another tokenizer.json than {where} (sha256 "
+            f"{loaded.tokenizer_sha256[:12]}... vs {tokenizer_sha256[:12]}...): its token ids would not mean what "
+            "the model learnt. Use the prepared folder the model was trained on, or prepare this data with its "
+            "tokenizer: plm-prep raw=... out=... tokenizer=<the training prepared folder>")
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -97,6 +109,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
                                           obj["numeric_fields"], obj.get("arch", "encoder"))
         max_len = int(obj.get("max_len", 0) or 0)
         as_of_query = bool(obj.get("as_of_query", False))
+        tok_sha = obj.get("tokenizer_sha256")
     elif "state_dict" in obj and "hyper_parameters" in obj:
         hp = obj["hyper_parameters"]
         missing = [k for k in ("model_cfg", "vocab_sizes", "numeric_fields") if k not in hp]
@@ -110,6 +123,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         dm = obj.get("datamodule_hyper_parameters") or {}
         max_len = int(dm.get("eval_max_len", 0) or dm.get("max_len", 0) or 0)
         arch = hp.get("arch", "auto")
+        tok_sha = hp.get("tokenizer_sha256")
         masked = (hp.get("objective") or {}).get("masked") or {}
         as_of_query = trains_as_of_query(masked)
         if arch == "auto":  # checkpoints before the resolved arch was saved: the weights decide, as in training
@@ -128,7 +142,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
                          f"unexpected {unexpected[:5]}")
     model.eval()
     return LoadedModel(model, arch, dict(mcfg), {k: int(v) for k, v in vocab.items()}, list(numeric), str(p),
-                       file_sha256(p), max_len, as_of_query)
+                       file_sha256(p), max_len, as_of_query, tok_sha)
 
 
 def split_pooling(pooling: str) -> list[str]:

@@ -49,6 +49,7 @@ from plm.export.config import FORMATS, INDEXES, QUANTIZE, ExportConfig
 from plm.export.model import (
     Embedder,
     LoadedModel,
+    check_tokenizer,
     compile_embedder,
     cosine_agreement,
     export_onnx,
@@ -368,6 +369,7 @@ def run_export(cfg: ExportConfig) -> dict:
     dm, manifest, max_len = open_data(cfg, loaded)
     tok = tokenizer_bytes(cfg.data)
     embedder = Embedder(loaded.model, cfg.pooling, as_of_us=iso_us(manifest["cutoff"]), as_of_query=loaded.as_of_query)
+    check_tokenizer(loaded, hashlib.sha256(tok).hexdigest(), f"data={cfg.data}")
     identity = model_identity(loaded, hashlib.sha256(tok).hexdigest(), manifest["cutoff"], embedder, cfg)
     if cfg.format == "onnx":
         return _run_onnx(cfg, loaded, dm, embedder, identity, tok, max_len)

@@ -29,7 +29,14 @@ import torch
 
 from plm.data.collate import collate_windows
 from plm.data.tokenizer import Tokenizer, encode_raw, iso_us
-from plm.export.model import DEFAULT_POOLING, Embedder, LoadedModel, load_checkpoint, quantize_int8
+from plm.export.model import (
+    DEFAULT_POOLING,
+    Embedder,
+    LoadedModel,
+    check_tokenizer,
+    load_checkpoint,
+    quantize_int8,
+)
 
 
 class UserEmbedder:
@@ -65,6 +72,7 @@ class UserEmbedder:
         loaded = load_checkpoint(ckpt)
         manifest = read_manifest(data)
         tok_bytes = tokenizer_bytes(data)
+        check_tokenizer(loaded, hashlib.sha256(tok_bytes).hexdigest(), f"data={data}")
         tok = Tokenizer.from_dict(json.loads(tok_bytes))
         c = manifest["config"]
         kw.setdefault("max_len", 0)

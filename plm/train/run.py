@@ -6,7 +6,8 @@ Run folder layout::
     <run_dir>/config.yaml         the resolved TrainConfig
     <run_dir>/checkpoints/        step-N.ckpt (periodic), last.ckpt (torch.load(..., weights_only=True))
     <run_dir>/final.pt            {"model": state_dict, "model_config", "vocab_sizes", "numeric_fields", "arch", "max_len",
-                                   "as_of_query" (trained with objective.masked.last_prob > 0)}
+                                   "as_of_query" (trained with objective.masked.last_prob > 0),
+                                   "tokenizer_sha256" (of the training data's tokenizer.json)}
     <run_dir>/csv/metrics.csv     every logged metric
     <run_dir>/curves.png          training curves
     <run_dir>/wandb/              offline wandb run (sync later with `wandb sync`)
@@ -121,6 +122,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank0 and module.arch == "decoder" and module.model.cfg.heads.projection_dim > 0:  # e.g. conf/sweep/objective.yaml
         print(f"plm-train: model.heads.projection_dim={module.model.cfg.heads.projection_dim} has no effect on a "
               "decoder (the projection serves the encoder's contrastive objective)", flush=True)
+    module.hparams["tokenizer_sha256"] = dm.tokenizer_sha256  # Lightning checkpoints carry it too
     if rank0 and module.frozen:  # built by the model config, trained by no active objective: say so, once
         serves = {"heads.time": "objective=next", "heads.values": "a regression_weight > 0",
                   "heads.replaced": "objective.masked.replace_prob > 0", "projection": "a contrastive objective",
@@ -208,7 +210,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.save({"model": sd, "model_config": asdict(cfg.model), "vocab_sizes": dict(dm.vocab_sizes),
                     "numeric_fields": list(dm.numeric_fields), "arch": module.arch,
                     "max_len": int(cfg.data.eval_max_len or cfg.data.max_len),
-                    "as_of_query": trains_as_of_query(cfg.objective.masked)}, final)
+                    "as_of_query": trains_as_of_query(cfg.objective.masked),
+                    "tokenizer_sha256": dm.tokenizer_sha256}, final)
         if wandb_logger is not None and cfg.logger.log_artifacts:
             _log_artifacts(wandb_logger, dm, final, run_dir)
         if wandb_logger is not None:

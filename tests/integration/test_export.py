@@ -289,6 +289,27 @@ def test_compile_failure_is_one_clear_error():
         first_call("trainer.compile=true", lambda: {}["x"])
 
 
+def test_checkpoint_refuses_data_of_another_tokenizer(trained, tmp_path):
+    """final.pt records the training data's tokenizer.json (sha256): data prepared with another
+    tokenizer of the same vocabulary sizes (its ids would mean other things) is refused."""
+    import hashlib
+    import shutil
+
+    prep, ckpt = trained
+    assert torch.load(ckpt, weights_only=True)["tokenizer_sha256"] == hashlib.sha256(
+        (prep / "tokenizer.json").read_bytes()).hexdigest()
+    other = tmp_path / "other"
+    shutil.copytree(prep, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["categorical"]["merchant"] = tok["categorical"]["merchant"][::-1]  # same sizes, other ids
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="trained on another tokenizer.json than data=.*other"):
+        run_export(export_cfg(other, ckpt, tmp_path / "e", splits="test"))
+    with pytest.raises(ValueError, match="trained on another tokenizer.json"):
+        UserEmbedder.from_files(str(ckpt), str(other))
+    assert not (tmp_path / "e").exists()
+
+
 def test_onnx_export_agrees_with_eager(trained, tmp_path):
     prep, ckpt = trained
     rec = run_export(export_cfg(prep, ckpt, tmp_path / "onnx", format="onnx", quantize="int8", normalize=True))
