@@ -96,7 +96,7 @@ def check_filled_keys(cfg: PipelineConfig, raw: Path, paths: dict[str, Path]) ->
     for key, want in fixed.items():
         group, name = key.split(".")
         got = getattr(getattr(cfg, group), name)
-        if got not in (None, "", "???") and Path(str(got)) != want:
+        if got not in (None, "", "???") and Path(str(got)).resolve() != want.resolve():
             bad.append(f"{key}={got}")
     if bad:
         raise ValueError(f"{', '.join(bad)}: plm-pipeline sets these itself (from raw= and out=: OUT/prepared, "

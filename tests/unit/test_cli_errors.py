@@ -114,6 +114,10 @@ def test_pipeline_refuses_stage_keys_it_sets_itself(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-2].startswith(
         f"plm-pipeline: error: export.data=x, eval.out={tmp_path / 'elsewhere'}: plm-pipeline sets these itself")
+    with pytest.raises(FileNotFoundError, match="eval.labels"):  # the same folder written another way passes
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), stages=["eval"],
+                                    eval=EvalConfig(out=str(tmp_path / "out" / ".." / "out" / "report"),
+                                                    labels=str(tmp_path / "nope.parquet"))))
     r = cli("pipeline", *base, "export.trainer.max_steps=5", env=env)
     assert r.returncode == 2 and "trainer.max_steps: plm-export reads only" in r.stderr, r.stderr[-2000:]
     # eval.labels is honoured (labels kept elsewhere), and a wrong path is named
