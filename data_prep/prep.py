@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -133,7 +134,10 @@ def spark_session(spark_cfg):
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.master(spark_cfg.master).appName(spark_cfg.app_name)
-    for k, v in {**DEFAULT_SPARK_CONF, **spark_cfg.conf, **REQUIRED_SPARK_CONF}.items():
+    # Spark's console progress bar redraws one line with carriage returns: on a terminal it is the
+    # job's progress bar; in a log file or CI it is a run-on line, so it is off there (a user conf wins)
+    console = {"spark.ui.showConsoleProgress": str(sys.stderr.isatty()).lower()}
+    for k, v in {**DEFAULT_SPARK_CONF, **console, **spark_cfg.conf, **REQUIRED_SPARK_CONF}.items():
         builder = builder.config(k, str(v))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(spark_cfg.log_level)
