@@ -76,6 +76,17 @@ def _one_lightning_log(config_name: str) -> None:
     for h in list(lg.handlers):
         if type(h) is logging.StreamHandler:
             lg.removeHandler(h)
+    # and its advertisements for optional cloud packages (litlogger, litmodels) on every run:
+    # filtered where they are printed (a logger's own filter misses its children's records)
+    for h in logging.getLogger().handlers:
+        h.addFilter(_NoTips())
+
+
+class _NoTips:
+    """Drops Lightning's "💡 Tip: ... try installing ..." records; every other record passes."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
 
 
 @contextlib.contextmanager

@@ -133,6 +133,7 @@ def test_cli_runs_and_bad_overrides_fail_naming_the_key(prepared, tmp_path):
                 "data.max_len=16", "data.max_tokens=64", "experiment=masked_tiny", "trainer.enable_progress_bar=false",
                 f"hydra.run.dir={tmp_path / 'cli'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "GPU available" in r.stdout and "Tip:" not in r.stdout + r.stderr  # Lightning's lines, without its ads
     assert (tmp_path / "cli" / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "cli" / ".hydra" / "config.yaml").exists()
     for bad, name in [("trainer.max_stpes=3", "max_stpes"), ("trainer.max_steps=abc", "max_steps"),
