@@ -308,12 +308,16 @@ class _LoaderIter:
 # --------------------------------------------------------------------------------- datamodule
 
 
-def _read_json(fs: pafs.FileSystem, path: str, what: str) -> dict:
+def _read_bytes(fs: pafs.FileSystem, path: str, what: str) -> bytes:
     try:
         with fs.open_input_stream(path) as fh:
-            return json.loads(fh.read().decode())
+            return fh.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: {what}") from None
+
+
+def _read_json(fs: pafs.FileSystem, path: str, what: str) -> dict:
+    return json.loads(_read_bytes(fs, path, what).decode())
 
 
 def read_manifest(path: str) -> dict:
@@ -365,10 +369,9 @@ class PLMDataModule(pl.LightningDataModule):
         self.fs, self.root = resolve_fs(cfg.path)
         self.manifest = read_manifest(cfg.path)
         tok_rel = (self.manifest.get("tokenizer") or {}).get("path", "tokenizer.json")
-        tok = _read_json(self.fs, join(self.root, tok_rel), "the tokenizer written by plm-prep is missing")
-        self.tokenizer = Tokenizer.from_dict(tok)
-        with self.fs.open_input_stream(join(self.root, "tokenizer.json")) as fh:  # as plm-export identifies it
-            self.tokenizer_sha256 = hashlib.sha256(fh.read()).hexdigest()
+        tok = _read_bytes(self.fs, join(self.root, tok_rel), "the tokenizer written by plm-prep is missing")
+        self.tokenizer = Tokenizer.from_dict(json.loads(tok.decode()))
+        self.tokenizer_sha256 = hashlib.sha256(tok).hexdigest()  # the identity checkpoints and embeddings record
         self.vocab_sizes: dict[str, int] = self.tokenizer.vocab_sizes()
         self.numeric_fields: tuple[str, ...] = tuple(f.name for f in NUMERIC_FIELDS if f.name in self.tokenizer.numeric)
         self.timer = LoaderTimer()

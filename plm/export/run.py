@@ -29,7 +29,6 @@ of `tokenizer.json`, i.e. what a service needs to embed raw events without PLM's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -60,6 +59,7 @@ from plm.export.model import (
     quantize_onnx_int8,
     split_pooling,
 )
+from plm.train.run import strategy
 
 EMBEDDINGS_FORMAT = "plm-embeddings/1"
 METADATA_KEY = b"plm.embeddings"
@@ -296,15 +296,6 @@ def part_writer(staging: Path, identity: dict, schema: pa.Schema, row_group_size
     return PartWriter()
 
 
-def _strategy(t):
-    if t.strategy == "ddp" or (t.strategy == "auto" and (t.devices > 1 or t.num_nodes > 1)):
-        # auto on several devices is Lightning's DDP: built here so process_group_backend applies
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(process_group_backend=t.process_group_backend or None)
-    return "auto"
-
-
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     """The staging folder beside `out`. `overwrite=true` replaces only an earlier export (a folder
     holding `_export.json` or `onnx.json`) or an empty folder, never a file or other data."""
@@ -367,12 +358,11 @@ def run_export(cfg: ExportConfig) -> dict:
     _set_threads(cfg.trainer.num_threads)
     loaded = load_checkpoint(cfg.ckpt)
     dm, manifest, max_len = open_data(cfg, loaded)
-    tok = tokenizer_bytes(cfg.data)
     embedder = Embedder(loaded.model, cfg.pooling, as_of_us=iso_us(manifest["cutoff"]), as_of_query=loaded.as_of_query)
-    check_tokenizer(loaded, hashlib.sha256(tok).hexdigest(), f"data={cfg.data}")
-    identity = model_identity(loaded, hashlib.sha256(tok).hexdigest(), manifest["cutoff"], embedder, cfg)
-    if cfg.format == "onnx":
-        return _run_onnx(cfg, loaded, dm, embedder, identity, tok, max_len)
+    check_tokenizer(loaded, dm.tokenizer_sha256, f"data={cfg.data}")
+    identity = model_identity(loaded, dm.tokenizer_sha256, manifest["cutoff"], embedder, cfg)
+    if cfg.format == "onnx":  # the graph ships with a copy of the tokenizer
+        return _run_onnx(cfg, loaded, dm, embedder, identity, tokenizer_bytes(cfg.data), max_len)
     return _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len)
 
 
@@ -408,7 +398,7 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
         accelerator="gpu" if t.accelerator == "cuda" else t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=_strategy(t),
+        strategy=strategy(t),
         precision=t.precision,
         logger=False,
         callbacks=[writer],

@@ -62,8 +62,8 @@ def check_config(cfg: TrainConfig) -> None:
     model_config_from_dict(asdict(cfg.model))
 
 
-def _strategy(cfg: TrainConfig):
-    t = cfg.trainer
+def strategy(t):
+    """Lightning strategy of a trainer group (`TrainerConfig`): also plm-export's predict loop."""
     backend = t.process_group_backend or None
     if t.strategy == "ddp" or (t.strategy == "auto" and (t.devices > 1 or t.num_nodes > 1)):
         # auto on several devices is Lightning's DDP: built here so process_group_backend applies
@@ -174,7 +174,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         accelerator="gpu" if t.accelerator == "cuda" else t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=_strategy(cfg),
+        strategy=strategy(t),
         precision=t.precision,
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,

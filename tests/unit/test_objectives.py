@@ -396,14 +396,14 @@ def test_trainer_options_act_or_fail():
 
     from plm.data.config import DataConfig
     from plm.train.config import TrainConfig
-    from plm.train.run import _strategy, check_config
+    from plm.train.run import check_config, strategy
 
     cfg = TrainConfig(data=DataConfig(path="x"))
     cfg.trainer.save_top_k = 3
     with pytest.raises(ValueError, match="trainer.save_top_k=3: -1 keeps every periodic checkpoint"):
         check_config(cfg)
     cfg.trainer.devices, cfg.trainer.process_group_backend = 2, "gloo"
-    s = _strategy(cfg)
+    s = strategy(cfg.trainer)
     assert isinstance(s, DDPStrategy) and s._process_group_backend == "gloo"
     cfg.trainer.devices = 1
-    assert _strategy(cfg) == "auto"
+    assert strategy(cfg.trainer) == "auto"
