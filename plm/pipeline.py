@@ -122,19 +122,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # fails at once, not after the Spark job (and not after overwrite=true emptied `out`)
     tcfg = (compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))
             if "train" in cfg.stages else None)
-    if "prep" in cfg.stages:  # prep's settings are checked before overwrite=true may empty OUT
+    if "prep" in cfg.stages:  # prep's settings and tokenizer are checked before overwrite=true may empty OUT
         from dataclasses import replace
 
         from data_prep.prep import check_config as check_prep
-
-        check_prep(replace(cfg.prep, raw=str(raw), out=str(paths["prepared"])))
-    if "prep" in cfg.stages and cfg.prep.tokenizer:  # read before overwrite=true may empty OUT
         from data_prep.prep import load_tokenizer
 
-        load_tokenizer(cfg.prep.tokenizer)
-        if Path(cfg.prep.tokenizer).resolve().is_relative_to(out.resolve()) and cfg.overwrite:
-            raise ValueError(f"prep.tokenizer={cfg.prep.tokenizer} lies inside out={out}, which overwrite=true "
-                             "empties first: copy it elsewhere")
+        check_prep(replace(cfg.prep, raw=str(raw), out=str(paths["prepared"])))
+        if cfg.prep.tokenizer:
+            load_tokenizer(cfg.prep.tokenizer)
+            if Path(cfg.prep.tokenizer).resolve().is_relative_to(out.resolve()) and cfg.overwrite:
+                raise ValueError(f"prep.tokenizer={cfg.prep.tokenizer} lies inside out={out}, which overwrite=true "
+                                 "empties first: copy it elsewhere")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out={out} is a file, not a folder")
     if out.exists() and cfg.stages[0] == "prep" and any(out.iterdir()):

@@ -72,7 +72,8 @@ class UserEmbedder:
         loaded = load_checkpoint(ckpt)
         manifest = read_manifest(data)
         tok_bytes = tokenizer_bytes(data)
-        check_tokenizer(loaded, hashlib.sha256(tok_bytes).hexdigest(), f"data={data}")
+        tok_sha = hashlib.sha256(tok_bytes).hexdigest()
+        check_tokenizer(loaded, tok_sha, f"data={data}")
         tok = Tokenizer.from_dict(json.loads(tok_bytes))
         c = manifest["config"]
         kw.setdefault("max_len", 0)
@@ -80,7 +81,7 @@ class UserEmbedder:
             kw["max_len"] = training_max_len(loaded, manifest)
         obj = cls(loaded, tok, c["max_events"], c["stride"], ts_min=manifest.get("ts_window", {}).get("min", c["ts_min"]),
                   **kw)
-        obj.tokenizer_sha256 = hashlib.sha256(tok_bytes).hexdigest()
+        obj.tokenizer_sha256 = tok_sha
         return obj
 
     @property
