@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ def _one_lightning_log(config_name: str) -> None:
     # filtered where they are printed (a logger's own filter misses its children's records)
     for h in logging.getLogger().handlers:
         h.addFilter(_NoTips())
+    # Lightning 2.6's pytree helper uses a form torch 2.13 deprecated: a warning about
+    # Lightning's code on every run, which its users cannot act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class _NoTips:

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -109,6 +110,18 @@ class DataWaitCallback(pl.Callback):
 
 
 # ------------------------------------------------------------------------------------- loader
+
+
+@contextlib.contextmanager
+def loader_warnings_off() -> Iterator[None]:
+    """Silence Lightning's two warnings about `PLMDataLoader` that do not apply to it: its
+    `__len__` *is* exact with several workers (each worker takes its own slice, see
+    `PLMDataLoader`), and it shards by rank itself, so there is no sampler to infer batch
+    indices from."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
+        warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+        yield
 
 
 def interleave(counts: list[int]) -> list[tuple[int, int]]:

@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -369,6 +368,8 @@ def run_export(cfg: ExportConfig) -> dict:
 def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict:
     import lightning.pytorch as pl
 
+    from plm.data.datamodule import loader_warnings_off
+
     out = Path(cfg.out)
     staging = _prepare_out(out, cfg.overwrite)
     t = cfg.trainer
@@ -417,9 +418,7 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
     trainer.strategy.barrier("plm-export-clean") if trainer.world_size > 1 else None
     module = EmbedModule.build(model, cfg.normalize)
     t0 = time.perf_counter()
-    with warnings.catch_warnings():  # PLMDataLoader shards by rank itself; there is no sampler to read
-        warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
-        warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
+    with loader_warnings_off():
         trainer.predict(module, datamodule=dm, return_predictions=False)
     wall = time.perf_counter() - t0
     per_rank = {"rank": rank, "users": writer.rows, "events": writer.events, "seconds": round(writer.seconds, 3)}

@@ -99,7 +99,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from lightning.pytorch.loggers import CSVLogger
     from omegaconf import OmegaConf
 
-    from plm.data.datamodule import PLMDataModule
+    from plm.data.datamodule import PLMDataModule, loader_warnings_off
     from plm.model.flops import flops_per_event
     from plm.train.callbacks import CurvesCallback, ThroughputCallback, default_peak_flops
     from plm.train.module import PretrainModule
@@ -196,7 +196,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ckpt_path = cfg.ckpt_path or None
     if ckpt_path == "last":
         ckpt_path = str(ckpt_dir / "last.ckpt")
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    with loader_warnings_off():
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
     final = run_dir / "final.pt"
     if t.strategy == "fsdp2":
