@@ -16,6 +16,7 @@ written to a staging folder beside OUT and moved into place only when the job su
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import sys
 import time
@@ -50,6 +51,9 @@ DEFAULT_SPARK_CONF = {
     # In local mode the driver JVM does all the work: 1g (Spark's default) spent ~18% of task
     # time in GC on the bench's 1.5 M events.
     "spark.driver.memory": "3g",
+    # The tokenised frames have more columns than the 25 Spark prints before warning once per
+    # job that it truncated a plan's text (a log line a user cannot act on)
+    "spark.sql.debug.maxToStringFields": "200",
 }
 
 # Spark settings PLM relies on (a user's spark.conf overrides the rest, not these).
@@ -141,6 +145,10 @@ def spark_session(spark_cfg):
         builder = builder.config(k, str(v))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(spark_cfg.log_level)
+    # py4j logs its connection life at INFO, which reaches the CLI's root handler: a stray
+    # "Closing down clientserver connection" after the job's last line, and at interpreter exit
+    # a logging traceback when that stream is already closed (pytest)
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     for k, v in {**spark_cfg.conf, **REQUIRED_SPARK_CONF}.items():
         try:  # a reused session (tests, notebooks) gets the runtime settings too
             spark.conf.set(k, str(v))

@@ -31,13 +31,15 @@ def world(tmp_path_factory):
     run("plm-synth", f"out={root / 'raw'}", "users=120", "seed=7", "dirty_fraction=0.02")
     p = run("plm-prep", f"raw={root / 'raw'}", f"out={root / 'prep'}", "max_events=64", "stride=32",
             "vocab.min_count=2", *SPARK)
-    return root, p.stdout
+    return root, p.stdout + p.stderr
 
 
 def test_cli_end_to_end(world):
     root, stdout = world
     m = json.loads((root / "prep" / "manifest.json").read_text())
     assert "plm-prep: wrote" in stdout and "quarantined" in stdout
+    # no log lines a user cannot act on: py4j's connection life, Spark's truncated plan text
+    assert "clientserver" not in stdout and "Truncated the string" not in stdout, stdout[-3000:]
     for source, acc in m["accounting"].items():
         assert acc["input_rows"] == acc["kept_rows"] + acc["quarantined_total"] + acc["duplicate_rows"], source
     assert sum(a["quarantined_total"] for a in m["accounting"].values()) > 0
