@@ -75,6 +75,12 @@ def session(path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def ort_embed(sess, names: list[str], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The graph's output on `batch`, fed the inputs it declares (a graph drops unused ones)."""
+    wanted = {i.name for i in sess.get_inputs()}
+    return torch.from_numpy(sess.run(None, {n: batch[n].numpy() for n in names if n in wanted})[0])
+
+
 class TimeInputs(torch.nn.Module):
     def forward(self, ts, mask):
         valid = mask.bool()
@@ -116,10 +122,9 @@ def test_onnx_time_gap_encoder_agrees_with_eager(tmp_path):
     names = onnx_input_names(VOCAB, NUMERIC)
     export_onnx(emb, example_batch(), names, tmp_path / "enc.onnx")
     sess = session(tmp_path / "enc.onnx")
-    wanted = {i.name for i in sess.get_inputs()}
-    assert "ts" in wanted
+    assert "ts" in {i.name for i in sess.get_inputs()}
     for b in (hard_batch(empty=False), hard_batch(B=3, T=40, seed=5)):
-        got = torch.from_numpy(sess.run(None, {n: b[n].numpy() for n in names if n in wanted})[0])
+        got = ort_embed(sess, names, b)
         with torch.no_grad():
             ref = emb(b)
         agr = cosine_agreement(ref, got)
@@ -128,7 +133,7 @@ def test_onnx_time_gap_encoder_agrees_with_eager(tmp_path):
     # normalize=true is part of the graph (plm-export format=onnx normalize=true)
     export_onnx(emb, example_batch(), names, tmp_path / "unit.onnx", normalize=True)
     b = hard_batch(B=3, T=40, seed=5)
-    got = torch.from_numpy(session(tmp_path / "unit.onnx").run(None, {n: b[n].numpy() for n in names if n in wanted})[0])
+    got = ort_embed(session(tmp_path / "unit.onnx"), names, b)
     with torch.no_grad():
         ref = emb(b)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(3), rtol=1e-5, atol=1e-5)
@@ -273,9 +278,8 @@ def test_onnx_agrees_with_eager_for_every_option(tmp_path, over, pooling, arch):
             b["as_of"] = as_of_for(b, i)
     export_onnx(emb, ex, names, tmp_path / "model.onnx")
     sess = session(tmp_path / "model.onnx")
-    wanted = {i.name for i in sess.get_inputs()}
     for b in batches:
-        got = torch.from_numpy(sess.run(None, {n: b[n].numpy() for n in names if n in wanted})[0])
+        got = ort_embed(sess, names, b)
         with torch.no_grad():
             ref = emb(b)
         assert ref.shape == (b["ts"].shape[0], emb.dim) and ref.std() > 0.1
@@ -338,9 +342,8 @@ def test_onnx_int8_weights_leave_headroom_and_agree(tmp_path):
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in q) <= 64
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in q) >= 60  # 7 bits used, not fewer
     sess = session(tmp_path / "model.int8.onnx")
-    wanted = {i.name for i in sess.get_inputs()}
     for b in (hard_batch(empty=False), hard_batch(B=3, T=40, seed=5)):
-        got = torch.from_numpy(sess.run(None, {n: b[n].numpy() for n in names if n in wanted})[0])
+        got = ort_embed(sess, names, b)
         with torch.no_grad():
             assert cosine_agreement(emb(b), got)["cosine_min"] >= 0.99
 
