@@ -326,6 +326,22 @@ def test_int8_engines_agree_with_fp32(monkeypatch, engine):
         assert agr["cosine_min"] >= 0.99, (engine, agr)
 
 
+def test_int8_quantising_prints_no_torch_deprecation():
+    """torch 2.13 warns (once per process, from C++) that the quantized tensor type torch.ao's
+    dynamic int8 stores weights in is deprecated: not for plm-export's users, so quantize_int8
+    silences it. A fresh process, since another test may have triggered the warning already."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from plm.export.model import Embedder, quantize_int8; "
+            "from plm.model import PLMEncoder; from plm.model.config import load_model_config; "
+            f"m = PLMEncoder(load_model_config('tiny'), {VOCAB!r}, {NUMERIC!r}); "
+            "quantize_int8(Embedder(m.eval(), 'mean')); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    assert "quantized tensor creation" not in r.stderr, r.stderr[-2000:]
+
+
 def test_onnx_int8_weights_leave_headroom_and_agree(tmp_path):
     """The int8 graph's weights use 7 bits: ONNX Runtime's u8 x s8 kernels on CPUs without VNNI
     (AVX2) add pairs of products in int16 and saturate at full range (the demo checkpoint's int8
