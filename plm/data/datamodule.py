@@ -333,6 +333,13 @@ def _read_json(fs: pafs.FileSystem, path: str, what: str) -> dict:
     return json.loads(_read_bytes(fs, path, what).decode())
 
 
+def read_tokenizer_json(path: str, manifest: dict) -> bytes:
+    """The bytes of a prepared folder's tokenizer.json (where its manifest says it is)."""
+    fs, root = resolve_fs(path)
+    rel = (manifest.get("tokenizer") or {}).get("path", "tokenizer.json")
+    return _read_bytes(fs, join(root, rel), "the tokenizer written by plm-prep is missing")
+
+
 def read_manifest(path: str) -> dict:
     """manifest.json of a prepared folder, checked (exists, format_version, splits)."""
     fs, root = resolve_fs(path)
@@ -381,10 +388,10 @@ class PLMDataModule(pl.LightningDataModule):
         self.save_hyperparameters(asdict(cfg))
         self.fs, self.root = resolve_fs(cfg.path)
         self.manifest = read_manifest(cfg.path)
-        tok_rel = (self.manifest.get("tokenizer") or {}).get("path", "tokenizer.json")
-        tok = _read_bytes(self.fs, join(self.root, tok_rel), "the tokenizer written by plm-prep is missing")
-        self.tokenizer = Tokenizer.from_dict(json.loads(tok.decode()))
-        self.tokenizer_sha256 = hashlib.sha256(tok).hexdigest()  # the identity checkpoints and embeddings record
+        self.tokenizer_json = read_tokenizer_json(cfg.path, self.manifest)  # the bytes, e.g. for an ONNX bundle
+        self.tokenizer = Tokenizer.from_dict(json.loads(self.tokenizer_json.decode()))
+        # the identity checkpoints and embeddings record
+        self.tokenizer_sha256 = hashlib.sha256(self.tokenizer_json).hexdigest()
         self.vocab_sizes: dict[str, int] = self.tokenizer.vocab_sizes()
         self.numeric_fields: tuple[str, ...] = tuple(f.name for f in NUMERIC_FIELDS if f.name in self.tokenizer.numeric)
         self.timer = LoaderTimer()

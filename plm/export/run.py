@@ -164,14 +164,6 @@ def check_config(cfg: ExportConfig) -> None:
             raise SystemExit(f"plm-export index={cfg.index} needs faiss-cpu (pip install faiss-cpu): {e}") from None
 
 
-def tokenizer_bytes(data: str) -> bytes:
-    from plm.data.dataset import join, resolve_fs
-
-    fs, root = resolve_fs(data)
-    with fs.open_input_stream(join(root, "tokenizer.json")) as f:
-        return f.read()
-
-
 def check_vocab(loaded: LoadedModel, vocab_sizes: dict[str, int], where: str) -> None:
     """The checkpoint's embedding tables must fit the prepared data's tokenizer exactly."""
     bad = {f: (n, vocab_sizes.get(f)) for f, n in loaded.vocab_sizes.items() if vocab_sizes.get(f) != n}
@@ -361,7 +353,7 @@ def run_export(cfg: ExportConfig) -> dict:
     check_tokenizer(loaded, dm.tokenizer_sha256, f"data={cfg.data}")
     identity = model_identity(loaded, dm.tokenizer_sha256, manifest["cutoff"], embedder, cfg)
     if cfg.format == "onnx":  # the graph ships with a copy of the tokenizer
-        return _run_onnx(cfg, loaded, dm, embedder, identity, tokenizer_bytes(cfg.data), max_len)
+        return _run_onnx(cfg, loaded, dm, embedder, identity, max_len)
     return _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len)
 
 
@@ -513,7 +505,7 @@ def build_faiss_index(folder: Path, parts: list[Path], kind: str) -> dict:
 # ------------------------------------------------------------------------------------- ONNX
 
 
-def _run_onnx(cfg, loaded, dm, embedder, identity, tok: bytes, max_len: int) -> dict:
+def _run_onnx(cfg, loaded, dm, embedder, identity, max_len: int) -> dict:
     import onnxruntime as ort
 
     out = Path(cfg.out)
@@ -538,7 +530,7 @@ def _run_onnx(cfg, loaded, dm, embedder, identity, tok: bytes, max_len: int) -> 
         agreement[f"onnx_{kind}_vs_fp32"] = _agreement(embedder, _ort_fn(sess, names), batches)
     for what, agr in agreement.items():
         _check_agreement(what, agr, cfg.min_cosine)
-    (staging / "tokenizer.json").write_bytes(tok)
+    (staging / "tokenizer.json").write_bytes(dm.tokenizer_json)
     record = {
         "format": "plm-onnx/1",
         "identity": identity,

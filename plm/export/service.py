@@ -66,12 +66,12 @@ class UserEmbedder:
         """`ckpt`: final.pt (or run folder); `data`: the prepared folder the model was trained on
         (its tokenizer.json and window settings are used). `kw`: max_len (0 = training length),
         pooling, normalize, quantize, max_tokens."""
-        from plm.data.datamodule import read_manifest
-        from plm.export.run import tokenizer_bytes, training_max_len
+        from plm.data.datamodule import read_manifest, read_tokenizer_json
+        from plm.export.run import training_max_len
 
         loaded = load_checkpoint(ckpt)
         manifest = read_manifest(data)
-        tok_bytes = tokenizer_bytes(data)
+        tok_bytes = read_tokenizer_json(data, manifest)
         tok_sha = hashlib.sha256(tok_bytes).hexdigest()
         check_tokenizer(loaded, tok_sha, f"data={data}")
         tok = Tokenizer.from_dict(json.loads(tok_bytes))
