@@ -117,6 +117,10 @@ class HeadsConfig:
     # Per-event "was this event swapped in from another sequence?" logit (ELECTRA-style
     # replaced-event detection, trained by objective.masked.replace_prob > 0).
     replaced: bool = False
+    # Event membership (encoder, trained by objective.masked.membership_weight > 0): the width of
+    # a query projection of the pooled user vector and of a key MLP over an event's input
+    # embedding; each masked event must be matched to its own user among the batch's. 0 = none.
+    membership_dim: int = 0
 
 
 @dataclass

@@ -5,6 +5,7 @@
   (`LogNormalMixtureTime` or `BinnedTime`). Used for next-event prediction (decoder) and
   masked-event prediction (encoder).
 - `ProjectionHead`: MLP projection of pooled user embeddings for contrastive objectives.
+- `MembershipHead`: query of a pooled user vector and key of an event, for event membership.
 
 The heads return raw parameters (`EventPredictions`); the training losses live with the
 training code. The time heads also expose `nll` and `sample` because generation needs them.
@@ -192,6 +193,19 @@ class EventHeads(nn.Module):
             time=self.time(h) if self.time is not None else {},
             replaced=self.replaced(h)[..., 0] if self.replaced is not None else None,
         )
+
+
+class MembershipHead(nn.Module):
+    """Event membership scores: `query(pooled) (N, dim)` and `key(event input embeddings) (n, dim)`,
+    both L2-normalised; their dot product says how well an event fits a user's pooled vector."""
+
+    def __init__(self, d_model: int, dim: int):
+        super().__init__()
+        self.query = nn.Linear(d_model, dim)
+        self.key = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, dim))
+
+    def forward(self, pooled: Tensor, events: Tensor) -> tuple[Tensor, Tensor]:
+        return F.normalize(self.query(pooled), dim=-1), F.normalize(self.key(events), dim=-1)
 
 
 class ProjectionHead(nn.Module):

@@ -28,7 +28,7 @@ from plm.model.batch import (
 )
 from plm.model.config import ModelConfig
 from plm.model.embedding import EventEmbedding, PeriodicValue
-from plm.model.heads import EventHeads, ProjectionHead
+from plm.model.heads import EventHeads, MembershipHead, ProjectionHead
 from plm.model.layers import Block, MoE, make_norm
 from plm.model.positions import PositionEncoding
 
@@ -79,6 +79,8 @@ class ModelOutput:
     pooled: Tensor | None
     aux_loss: Tensor
     valid: Tensor | None
+    # (queries (N, dim), keys (n, dim)) of the membership head, when PretrainNet is asked for them
+    membership: tuple[Tensor, Tensor] | None = None
 
 
 # ----------------------------------------------------------------------------- model
@@ -193,6 +195,7 @@ class PLMEncoder(EventTransformer):
         self.cls = nn.Parameter(torch.randn(d) * cfg.init_std) if cfg.pooling == "cls" else None
         self.pool_query = nn.Linear(d, 1) if cfg.pooling == "attention" else None
         self.projection = ProjectionHead(d, cfg.heads.projection_dim) if cfg.heads.projection_dim else None
+        self.membership = MembershipHead(d, cfg.heads.membership_dim) if cfg.heads.membership_dim else None
         self._init_weights()  # again, to cover the modules added here
 
     def _insert_cls(self, x, pos, seconds, valid, seg):

@@ -24,6 +24,10 @@ class MaskedConfig:
     replace_prob: float = 0.0
     replace_weight: float = 1.0  # weight of its binary cross-entropy
     replace_keep: str = "log_dt,hour,dow"  # comma-separated fields a swapped event keeps (time-derived)
+    # event membership (needs model.heads.membership_dim > 0): each event masked whole must be
+    # matched to its own sequence among the batch's from their pooled vectors (cross-entropy)
+    membership_weight: float = 0.0
+    membership_temperature: float = 0.1
 
 
 def trains_as_of_query(masked: MaskedConfig | dict) -> bool:

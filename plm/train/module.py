@@ -26,7 +26,8 @@ def build_objectives(cfg: ObjectiveConfig) -> list[tuple[str, float, Any]]:
         keep = tuple(split_names(m.replace_keep))
         out.append(("masked", m.weight, MaskedEventObjective(m.event_prob, m.field_prob, m.regression_weight,
                                                                 m.last_prob, m.last_jitter, m.replace_prob,
-                                                                m.replace_weight, keep)))
+                                                                m.replace_weight, keep, m.membership_weight,
+                                                                m.membership_temperature)))
     if cfg.contrastive.weight > 0:
         c = cfg.contrastive
         out.append(("contrastive", c.weight, ContrastiveObjective(c.temperature, c.min_frac, c.max_frac, c.min_len,
@@ -78,6 +79,8 @@ def freeze_unused(model, cfg: ObjectiveConfig, names: list[str]) -> list[str]:
     for name in ("projection", "pool_query"):
         if getattr(model, name, None) is not None and not uses_pooled:
             off.append(getattr(model, name))
+    if getattr(model, "membership", None) is not None and not ("masked" in names and cfg.masked.membership_weight > 0):
+        off.append(model.membership)
     where = {id(m): name for name, m in model.named_modules()}
     frozen = []
     for m in off:
@@ -123,6 +126,10 @@ class PretrainModule(pl.LightningModule):
         if self.obj_cfg.masked.weight > 0 and self.obj_cfg.masked.replace_prob > 0 and not mcfg.heads.replaced:
             raise ValueError("objective.masked.replace_prob > 0 needs the replaced-event head: "
                              "set model.heads.replaced=true")
+        if self.obj_cfg.masked.weight > 0 and self.obj_cfg.masked.membership_weight > 0 and not (
+                mcfg.heads.membership_dim > 0 and arch == "encoder"):
+            raise ValueError("objective.masked.membership_weight > 0 needs an encoder with the membership head: "
+                             "set model.heads.membership_dim > 0 (e.g. 64)")
         swapping = [o for n, _, o in self.objectives if n == "masked" and o.replace_prob > 0]
         unknown = [f for o in swapping for f in o.replace_keep if f not in vocab_sizes]
         if unknown:

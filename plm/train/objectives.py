@@ -49,7 +49,8 @@ class PretrainNet(torch.nn.Module):
     def field_vocab_sizes(self) -> dict[str, int]:
         return self.model.field_vocab_sizes
 
-    def forward(self, batch, heads: bool = True, project: bool = False):
+    def forward(self, batch, heads: bool = True, project: bool = False,
+                member_events: dict[str, Tensor] | None = None, member_sel: Tensor | None = None):
         out = self.model(batch)
         pred = self.model.heads(out.hidden) if heads else None
         z = None
@@ -58,14 +59,18 @@ class PretrainNet(torch.nn.Module):
             proj = getattr(self.model, "projection", None)
             if proj is not None:
                 z = proj(z)
+        if member_events is not None and getattr(self.model, "membership", None) is not None:
+            # keys from the events' own input embeddings (fields only, not the model's context)
+            events = self.model.embed(member_events)[member_sel]  # (n, d)
+            out.membership = self.model.membership(out.pooled, events)
         return out, pred, z
 
 
-def run_net(model, batch, heads: bool = True, project: bool = False):
+def run_net(model, batch, heads: bool = True, project: bool = False, member_events=None, member_sel=None):
     """Call a PretrainNet, or a bare PLMEncoder/PLMDecoder (tests, single process) the same way."""
     if isinstance(model, PretrainNet):
-        return model(batch, heads=heads, project=project)
-    return PretrainNet.forward(_Bare(model), batch, heads, project)
+        return model(batch, heads=heads, project=project, member_events=member_events, member_sel=member_sel)
+    return PretrainNet.forward(_Bare(model), batch, heads, project, member_events, member_sel)
 
 
 class _Bare:
@@ -167,7 +172,8 @@ class MaskedEventObjective:
 
     def __init__(self, event_prob: float = 0.15, field_prob: float = 0.0, regression_weight: float = 1.0,
                  last_prob: float = 0.0, last_jitter: bool = False, replace_prob: float = 0.0,
-                 replace_weight: float = 1.0, replace_keep: tuple[str, ...] = ("log_dt", "hour", "dow")):
+                 replace_weight: float = 1.0, replace_keep: tuple[str, ...] = ("log_dt", "hour", "dow"),
+                 membership_weight: float = 0.0, membership_temperature: float = 0.1):
         if not all(0 <= p <= 1 for p in (event_prob, field_prob, last_prob)) or event_prob + field_prob + last_prob <= 0:
             raise ValueError(f"masked: need 0 <= event_prob, field_prob, last_prob <= 1, not all 0 "
                              f"(got {event_prob}, {field_prob}, {last_prob})")
@@ -180,6 +186,10 @@ class MaskedEventObjective:
         self.event_prob, self.field_prob, self.regression_weight = event_prob, field_prob, regression_weight
         self.last_prob, self.last_jitter = last_prob, last_jitter
         self.replace_prob, self.replace_weight, self.replace_keep = replace_prob, replace_weight, tuple(replace_keep)
+        if membership_weight < 0 or membership_temperature <= 0:
+            raise ValueError(f"masked: need membership_weight >= 0 and membership_temperature > 0 "
+                             f"(got {membership_weight}, {membership_temperature})")
+        self.membership_weight, self.membership_temperature = membership_weight, membership_temperature
 
     def last_events(self, batch: dict[str, Tensor], generator) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T) bool: the last event of each sequence, chosen with prob `last_prob`; and the
@@ -256,6 +266,27 @@ class MaskedEventObjective:
         swapped[dst] = True
         return out, swapped.view(B, T)
 
+    def membership_loss(self, out, batch: dict[str, Tensor], sel: Tensor, res: ObjectiveOutput) -> None:
+        """Event membership: each event masked whole is scored against every sequence's pooled
+        vector of the batch (the sequence saw only the mask at its place) and must pick its own
+        (cross-entropy over the batch's sequences, temperature `membership_temperature`). Common
+        events cannot single out their user; an unusual one can, if the pooled vector keeps it."""
+        if out.membership is None:
+            raise ValueError("objective.masked.membership_weight > 0 needs the membership head: "
+                             "set model.heads.membership_dim > 0")
+        q, k = out.membership  # (N, p), (n, p)
+        seq = sequence_index(batch, valid_mask(batch))[0][sel]  # (n,)
+        if k.shape[0] == 0 or q.shape[0] < 2:
+            ce = (q.sum() + k.sum()) * 0.0
+            acc = torch.zeros((), device=q.device)
+        else:
+            logits = (k.float() @ q.float().T) / self.membership_temperature  # (n, N)
+            ce = F.cross_entropy(logits, seq)
+            acc = (logits.argmax(-1) == seq).float().mean()
+        res.loss = res.loss + self.membership_weight * ce
+        res.metrics["masked/membership_loss"] = ce.detach()
+        res.metrics["masked/membership_acc"] = acc.detach()
+
     @staticmethod
     def apply_masks(batch: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
         out = dict(batch)
@@ -278,7 +309,11 @@ class MaskedEventObjective:
         if self.replace_prob > 0:
             masked_any = torch.stack(list(masks.values())).any(0)
             inputs, swapped = self.replace_events(inputs, fields, ~masked_any, generator)
-        out, pred, _ = run_net(model, self.apply_masks(inputs, masks))
+        member_sel = None
+        if self.membership_weight > 0:  # events masked whole: their user must be found from the rest
+            member_sel = torch.stack(list(masks.values())).all(0) & _valid(batch)
+        out, pred, _ = run_net(model, self.apply_masks(inputs, masks),
+                               member_events=batch if member_sel is not None else None, member_sel=member_sel)
         targets = {f: batch[f] for f in fields}
         values = {f: batch[value_key(f)] for f in fields if value_key(f) in batch}
         res = field_losses(pred.logits, pred.values, targets, values, masks, "masked", self.regression_weight)
@@ -294,6 +329,8 @@ class MaskedEventObjective:
             res.metrics["masked/replaced_acc"] = ((logit > 0).float() == target).float().mean().detach() \
                 if logit.numel() else torch.zeros(())
             res.metrics["masked/replaced_fraction"] = target.mean().detach() if logit.numel() else torch.zeros(())
+        if member_sel is not None:
+            self.membership_loss(out, batch, member_sel, res)
         res.metrics["masked/fraction"] = torch.stack([m.float().sum() for m in masks.values()]).sum().detach() / (
             len(masks) * _valid(batch).sum().clamp(min=1))
         res.aux = out.aux_loss  # type: ignore[attr-defined]

@@ -119,14 +119,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         asdict(t), cfg.arch, cfg.seed,
     )
     rank0 = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-    if rank0 and module.arch == "decoder" and module.model.cfg.heads.projection_dim > 0:  # e.g. conf/sweep/objective.yaml
-        print(f"plm-train: model.heads.projection_dim={module.model.cfg.heads.projection_dim} has no effect on a "
-              "decoder (the projection serves the encoder's contrastive objective)", flush=True)
+    if rank0 and module.arch == "decoder":  # e.g. conf/sweep/objective.yaml over an encoder preset
+        heads = module.model.cfg.heads
+        for key, value, serves in (("projection_dim", heads.projection_dim, "the encoder's contrastive objective"),
+                                   ("membership_dim", heads.membership_dim, "the encoder's masked objective")):
+            if value > 0:
+                print(f"plm-train: model.heads.{key}={value} has no effect on a decoder (the head serves {serves})",
+                      flush=True)
     module.hparams["tokenizer_sha256"] = dm.tokenizer_sha256  # Lightning checkpoints carry it too
     if rank0 and module.frozen:  # built by the model config, trained by no active objective: say so, once
         serves = {"heads.time": "objective=next", "heads.values": "a regression_weight > 0",
                   "heads.replaced": "objective.masked.replace_prob > 0", "projection": "a contrastive objective",
-                  "pool_query": "a contrastive objective"}
+                  "pool_query": "a contrastive objective", "membership": "objective.masked.membership_weight > 0"}
         parts = sorted({".".join(n.split(".")[:2]) if n.startswith("heads.") else n.split(".")[0] for n in module.frozen})
         print(f"plm-train: not trained by {'+'.join(o[0] for o in module.objectives)} (built by the model config, "
               f"kept at init): {', '.join(f'{p} (serves {serves[p]})' if p in serves else p for p in parts)}", flush=True)

@@ -201,6 +201,84 @@ def test_replaced_events_come_from_other_sequences_and_train_the_detector():
         obj(PLMEncoder(tiny_cfg(), TOY_VOCAB, list(TOY_NUMERIC)), padded_batch(), torch.Generator())
 
 
+def test_membership_matches_masked_events_to_their_own_user():
+    """objective.masked.membership_weight: each event masked whole is scored against every
+    sequence's pooled vector and must find its own; with a per-user profile the head learns it
+    (accuracy far above chance); packed batches score against segments, not rows; without the
+    head the objective says which setting is missing."""
+    import pytest
+
+    cfg = tiny_cfg()
+    cfg.heads.membership_dim = 16
+    torch.manual_seed(0)
+    model = PLMEncoder(cfg, TOY_VOCAB, list(TOY_NUMERIC))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    obj = MaskedEventObjective(0.3, 0.0, membership_weight=1.0)
+    accs, losses = [], []
+    for step in range(80):
+        b = random_batch(B=8, T=12, seed=step % 4)
+        # a profile per user: its merchant and MCC (the masked event's own key must meet its user)
+        for f in ("merchant", "event_type"):
+            b[f] = N_SPECIALS + (torch.arange(8)[:, None] + step) % (TOY_VOCAB[f] - N_SPECIALS)
+            b[f] = b[f].expand(8, 12).clone()
+        res = obj(model, b, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        res.loss.backward()
+        opt.step()
+        accs.append(float(res.metrics["masked/membership_acc"]))
+        losses.append(float(res.metrics["masked/membership_loss"]))
+    assert sum(accs[:5]) / 5 < 0.5 and sum(accs[-10:]) / 10 > 0.9, (accs[:5], accs[-10:])
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    # packed: one candidate per segment (4 sequences in 2 rows), the loss finite
+    pb = packed_batch()
+    res = obj(model, pb, torch.Generator().manual_seed(0))
+    assert torch.isfinite(res.loss) and float(res.metrics["masked/membership_loss"]) > 0
+    q, k = run_net_membership(model, obj, pb)
+    assert q.shape[0] == 4
+    with pytest.raises(ValueError, match="model.heads.membership_dim > 0"):
+        obj(PLMEncoder(tiny_cfg(), TOY_VOCAB, list(TOY_NUMERIC)), padded_batch(), torch.Generator())
+
+
+def test_membership_config_is_checked_and_the_unused_head_frozen():
+    """membership_weight needs the head; the head without the weight is frozen; a decoder builds
+    no head (plm-train prints that it has no effect); a bad temperature is named."""
+    from dataclasses import asdict
+
+    import pytest
+
+    from plm.train.config import ObjectiveConfig
+    from plm.train.module import PretrainModule
+
+    def module(dim: int, objective: str = "masked", **masked):
+        cfg = tiny_cfg()
+        cfg.heads.membership_dim = dim
+        obj = ObjectiveConfig()
+        getattr(obj, objective).weight = 1.0
+        for k, v in masked.items():
+            setattr(obj.masked, k, v)
+        return PretrainModule(asdict(cfg), TOY_VOCAB, list(TOY_NUMERIC), asdict(obj), {})
+
+    with pytest.raises(ValueError, match="model.heads.membership_dim > 0"):
+        module(0, membership_weight=0.5)
+    assert getattr(module(16, objective="next").model, "membership", None) is None  # plm-train says so
+    with pytest.raises(ValueError, match="membership_temperature > 0"):
+        module(16, membership_weight=0.5, membership_temperature=0.0)
+    on, off = module(16, membership_weight=0.5), module(16)
+    assert on.model.membership.query.weight.requires_grad and "membership.query.weight" not in on.frozen
+    assert not off.model.membership.query.weight.requires_grad and "membership.key.0.weight" in off.frozen
+
+
+def run_net_membership(model, obj, b):
+    from plm.train.objectives import run_net
+
+    sel = _valid_of(b).clone()
+    out, _, _ = run_net(model, b, member_events=b, member_sel=sel)
+    q, k = out.membership
+    assert k.shape[0] == int(sel.sum())
+    assert torch.allclose(q.norm(dim=-1), torch.ones(q.shape[0]), atol=1e-5)
+    return q, k
+
+
 def _valid_of(b):
     return b["attention_mask"] if "attention_mask" in b else b["segment_ids"] != 0
 
@@ -358,6 +436,8 @@ def test_replaced_event_config_is_checked_and_the_unused_head_frozen(tmp_path):
         module(False, last_jitter=True)
     with pytest.raises(ValueError, match="replace_keep.*'hour_of_day'"):
         module(True, replace_prob=0.1, replace_keep="log_dt,hour_of_day")
+    with pytest.raises(ValueError, match="model.heads.membership_dim > 0"):
+        module(False, membership_weight=1.0)
     on = module(True, replace_prob=0.1)
     assert on.model.heads.replaced.weight.requires_grad
     off = module(True)
