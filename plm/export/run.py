@@ -58,6 +58,7 @@ from plm.export.model import (
     quantize_onnx_int8,
     split_pooling,
 )
+from plm.train.callbacks import progress_callbacks
 from plm.train.run import strategy
 
 EMBEDDINGS_FORMAT = "plm-embeddings/1"
@@ -394,7 +395,7 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
         strategy=strategy(t),
         precision=t.precision,
         logger=False,
-        callbacks=[writer],
+        callbacks=[writer, *progress_callbacks(cfg.progress and t.enable_progress_bar, "plm-export")],
         enable_progress_bar=cfg.progress and t.enable_progress_bar,
         enable_model_summary=False,
         use_distributed_sampler=False,

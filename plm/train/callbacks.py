@@ -149,3 +149,91 @@ def default_peak_flops(accelerator: str) -> float:
     if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
         return 312e12  # A100 bf16 dense; set trainer.peak_tflops for other hardware
     return 1e12
+
+
+class LineProgress(pl.callbacks.ProgressBar):
+    """Progress as plain lines, for logs that are not a terminal (CI, SLURM, `| tee`): a redrawn
+    bar there is one run-on line of carriage returns and cursor codes. Prints, on global rank 0,
+    `<prefix>: step 120/500 (24%) | train/loss 4.912 | 1.21 steps/s | eta 5 min 13 s` at most every
+    `every_s` seconds and at the last step, a line after each validation with its metrics, and
+    `<prefix>: batch 12/40 (30%) | ...` while predicting (plm-export)."""
+
+    def __init__(self, prefix: str, every_s: float = 30.0, stream=None):
+        super().__init__()
+        self.prefix, self.every_s, self.stream = prefix, every_s, stream
+        self._enabled = True
+        self._t0 = self._last = 0.0
+        self._start_step = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _say(self, text: str) -> None:
+        import sys
+
+        if self._enabled and self.trainer.is_global_zero:
+            print(f"{self.prefix}: {text}", file=self.stream or sys.stdout, flush=True)
+
+    @staticmethod
+    def _eta(seconds: float) -> str:
+        s = int(round(seconds))
+        return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
+
+    def _metrics(self, trainer, pl_module, prefix: str) -> str:
+        items = [(k, v) for k, v in self.get_metrics(trainer, pl_module).items() if k.startswith(prefix)]
+        return "".join(f" | {k} {float(v):.4g}" for k, v in sorted(items) if k != "v_num")
+
+    def on_train_start(self, trainer, pl_module):
+        self._t0 = self._last = time.perf_counter()
+        self._start_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        step = trainer.global_step
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        last = total is not None and step >= total
+        if now - self._last < self.every_s and not last:
+            return
+        self._last = now
+        rate = (step - self._start_step) / max(now - self._t0, 1e-9)
+        where = f"step {step}/{total} ({100 * step // total}%)" if total else f"step {step}"
+        eta = f" | eta {self._eta((total - step) / rate)}" if total and rate > 0 and not last else ""
+        self._say(f"{where}{self._metrics(trainer, pl_module, 'train/')} | {rate:.3g} steps/s{eta}")
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._say(f"validation at step {trainer.global_step}{self._metrics(trainer, pl_module, 'val/')}")
+
+    def on_predict_start(self, trainer, pl_module):
+        self._t0 = self._last = time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        now = time.perf_counter()
+        totals = trainer.num_predict_batches
+        total = totals[dataloader_idx] if dataloader_idx < len(totals) else float("inf")
+        done = batch_idx + 1
+        last = total != float("inf") and done >= total
+        if now - self._last < self.every_s and not last:
+            return
+        self._last = now
+        of = f"/{int(total)} ({100 * done // int(total)}%)" if total != float("inf") else ""
+        self._say(f"batch {done}{of} | {done / max(now - self._t0, 1e-9):.3g} batches/s")
+
+
+def progress_callbacks(enabled: bool, prefix: str, refresh_rate: int = 1, stream=None) -> list[pl.Callback]:
+    """The progress display: Lightning's bar on a terminal, `LineProgress` lines otherwise (a log
+    file, CI, SLURM); nothing when `enabled` is false. Decided by whether `stream` (stdout, where
+    Lightning's bar writes) is a terminal."""
+    import sys
+
+    if not enabled:
+        return []
+    stream = stream or sys.stdout
+    if stream.isatty():
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        return [TQDMProgressBar(refresh_rate=max(1, refresh_rate))]
+    return [LineProgress(prefix, stream=stream)]

@@ -101,7 +101,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from plm.data.datamodule import PLMDataModule, loader_warnings_off
     from plm.model.flops import flops_per_event
-    from plm.train.callbacks import CurvesCallback, ThroughputCallback, default_peak_flops
+    from plm.train.callbacks import CurvesCallback, ThroughputCallback, default_peak_flops, progress_callbacks
     from plm.train.module import PretrainModule
 
     check_config(cfg)
@@ -166,10 +166,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     thr = ThroughputCallback(fpe, peak, dm.timer, t.throughput_every_n_steps)
     callbacks = [ckpt_cb, thr, CurvesCallback(run_dir), LearningRateMonitor(logging_interval="step")]
-    if t.enable_progress_bar:
-        from lightning.pytorch.callbacks import TQDMProgressBar
-
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
+    callbacks += progress_callbacks(t.enable_progress_bar, "plm-train", t.log_every_n_steps)
 
     if t.compile and t.strategy != "fsdp2":
         pass  # compile happens in configure_model for every strategy
