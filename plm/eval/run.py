@@ -413,7 +413,9 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
     results: dict[str, dict] = {}
     curves: dict[str, tuple] = {}
     datasets: dict = {}  # feature set -> LightGBM Dataset (bins shared by tasks and folds)
-    bar = tqdm(total=len(label_cols) * len(feature_sets), disable=not cfg.progress, file=sys.stderr, desc="plm-eval")
+    total = len(label_cols) * len(feature_sets)
+    bar = tqdm(total=total, disable=not cfg.progress, file=sys.stderr, desc="plm-eval") if sys.stderr.isatty() \
+        else _LineBar(total, cfg.progress)  # a log file or CI: one plain line per probe, no carriage returns
     for name, values in label_cols.items():
         task = make_task(name, values[li])
         entry: dict = {"type": task.kind, "status": "ok", "n_users": int(task.y.size), "n_null_skipped": task.n_null,
@@ -440,6 +442,7 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
             entry.update(status="skipped", reason=reason)
             warnings.append(f"task `{name}` skipped: {reason}")
             results[name] = entry
+            bar.set_postfix_str(f"{name}: skipped")
             bar.update(len(feature_sets))
             continue
         folds = fold_ids(task, cfg.folds, cfg.seed)
@@ -535,3 +538,23 @@ def summary(rep: dict) -> str:
                 + (R.fmt_ci(d) if d else ("(baseline)" if fs == BASELINE else ""))
             )
     return "\n".join(lines)
+
+
+class _LineBar:
+    """tqdm's `update` / `set_postfix_str` / `close` as plain lines on stderr (`plm-eval: 3/16
+    churn/embedding_lgbm`), for output that is not a terminal."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.n, self.what = total, enabled, 0, ""
+
+    def set_postfix_str(self, what: str) -> None:
+        self.what = what
+
+    def update(self, k: int) -> None:
+        self.n += k
+        if self.enabled:
+            print(f"plm-eval: {self.n}/{self.total} probes done ({self.what})", file=sys.stderr, flush=True)
+            self.what = ""
+
+    def close(self) -> None:
+        pass

@@ -94,8 +94,15 @@ def test_task_with_too_few_users_is_skipped_with_a_warning(tmp_path, world, caps
     labels = labels.append_column("mono", pa.array(np.ones(lab.num_rows, np.int64)))
     labels = labels.append_column("flat", pa.array(np.full(lab.num_rows, 2.5)))
     pq.write_table(labels, tmp_path / "labels.parquet")
-    rep = run_eval(cfg_for(root, tmp_path / "r", labels=str(tmp_path / "labels.parquet"), feature_sets=["embedding_linear"]))
-    printed = capsys.readouterr().out
+    rep = run_eval(cfg_for(root, tmp_path / "r", labels=str(tmp_path / "labels.parquet"), feature_sets=["embedding_linear"],
+                           progress=True))
+    captured = capsys.readouterr()
+    printed = captured.out
+    # progress to a non-terminal: one plain line per probe (skipped tasks too), no carriage returns
+    assert "\r" not in captured.err
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("plm-eval: ")]
+    assert lines == ["plm-eval: 1/4 probes done (churn/embedding_linear)", "plm-eval: 2/4 probes done (rare: skipped)",
+                     "plm-eval: 3/4 probes done (mono: skipped)", "plm-eval: 4/4 probes done (flat: skipped)"]
     assert rep["tasks"]["flat"]["status"] == "skipped" and "constant label (every value is 2.5)" in rep["tasks"]["flat"]["reason"]
     assert "plm-eval: warning: task `rare` skipped" in printed  # warnings reach the console too
     rare = rep["tasks"]["rare"]
