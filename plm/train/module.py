@@ -126,9 +126,8 @@ class PretrainModule(pl.LightningModule):
         if self.obj_cfg.masked.weight > 0 and self.obj_cfg.masked.replace_prob > 0 and not mcfg.heads.replaced:
             raise ValueError("objective.masked.replace_prob > 0 needs the replaced-event head: "
                              "set model.heads.replaced=true")
-        if self.obj_cfg.masked.weight > 0 and self.obj_cfg.masked.membership_weight > 0 and not (
-                mcfg.heads.membership_dim > 0 and arch == "encoder"):
-            raise ValueError("objective.masked.membership_weight > 0 needs an encoder with the membership head: "
+        if self.obj_cfg.masked.weight > 0 and self.obj_cfg.masked.membership_weight > 0 and not mcfg.heads.membership_dim:
+            raise ValueError("objective.masked.membership_weight > 0 needs the membership head: "
                              "set model.heads.membership_dim > 0 (e.g. 64)")
         swapping = [o for n, _, o in self.objectives if n == "masked" and o.replace_prob > 0]
         unknown = [f for o in swapping for f in o.replace_keep if f not in vocab_sizes]

@@ -39,7 +39,9 @@ class ObjectiveOutput:
 class PretrainNet(torch.nn.Module):
     """The model plus its heads behind one `forward`, so FSDP2's root unit (this module) has the
     embedding tables (tied heads), heads and projection unsharded whenever they are used.
-    `forward(batch, heads=True, project=False) -> (ModelOutput, EventPredictions | None, z | None)`."""
+    `forward(batch, heads=True, project=False) -> (ModelOutput, EventPredictions | None, z | None)`;
+    with `member_events` (the unmasked batch) and `member_sel` (B, T bool), `ModelOutput.membership`
+    holds the membership head's queries of the pooled vectors and keys of the selected events."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -59,7 +61,7 @@ class PretrainNet(torch.nn.Module):
             proj = getattr(self.model, "projection", None)
             if proj is not None:
                 z = proj(z)
-        if member_events is not None and getattr(self.model, "membership", None) is not None:
+        if member_sel is not None and getattr(self.model, "membership", None) is not None:
             # keys from the events' own input embeddings (fields only, not the model's context)
             events = self.model.embed(member_events)[member_sel]  # (n, d)
             out.membership = self.model.membership(out.pooled, events)
@@ -312,8 +314,7 @@ class MaskedEventObjective:
         member_sel = None
         if self.membership_weight > 0:  # events masked whole: their user must be found from the rest
             member_sel = torch.stack(list(masks.values())).all(0) & _valid(batch)
-        out, pred, _ = run_net(model, self.apply_masks(inputs, masks),
-                               member_events=batch if member_sel is not None else None, member_sel=member_sel)
+        out, pred, _ = run_net(model, self.apply_masks(inputs, masks), member_events=batch, member_sel=member_sel)
         targets = {f: batch[f] for f in fields}
         values = {f: batch[value_key(f)] for f in fields if value_key(f) in batch}
         res = field_losses(pred.logits, pred.values, targets, values, masks, "masked", self.regression_weight)
