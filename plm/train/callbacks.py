@@ -1,9 +1,11 @@
-"""Training callbacks: throughput (events/s, tokens/s, MFU, data-wait fraction) and a PNG of the
-training curves written into the run folder."""
+"""Training callbacks: throughput (events/s, tokens/s, MFU, data-wait fraction), a PNG of the
+training curves written into the run folder, and the progress display (a bar on a terminal,
+plain lines in a log)."""
 
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from pathlib import Path
 
@@ -172,8 +174,6 @@ class LineProgress(pl.callbacks.ProgressBar):
         self._enabled = True
 
     def _say(self, text: str) -> None:
-        import sys
-
         if self._enabled and self.trainer.is_global_zero:
             print(f"{self.prefix}: {text}", file=self.stream or sys.stdout, flush=True)
 
@@ -190,15 +190,23 @@ class LineProgress(pl.callbacks.ProgressBar):
         self._t0 = self._last = time.perf_counter()
         self._start_step = trainer.global_step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def _elapsed_if_due(self, last: bool) -> float | None:
+        """Seconds since the start when a line is due (`every_s` since the previous one, or the
+        last step / batch), else None."""
         now = time.perf_counter()
+        if now - self._last < self.every_s and not last:
+            return None
+        self._last = now
+        return max(now - self._t0, 1e-9)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         last = total is not None and step >= total
-        if now - self._last < self.every_s and not last:
+        elapsed = self._elapsed_if_due(last)
+        if elapsed is None:
             return
-        self._last = now
-        rate = (step - self._start_step) / max(now - self._t0, 1e-9)
+        rate = (step - self._start_step) / elapsed
         where = f"step {step}/{total} ({100 * step // total}%)" if total else f"step {step}"
         eta = f" | eta {self._eta((total - step) / rate)}" if total and rate > 0 and not last else ""
         self._say(f"{where}{self._metrics(trainer, pl_module, 'train/')} | {rate:.3g} steps/s{eta}")
@@ -211,24 +219,20 @@ class LineProgress(pl.callbacks.ProgressBar):
         self._t0 = self._last = time.perf_counter()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        now = time.perf_counter()
         totals = trainer.num_predict_batches
         total = totals[dataloader_idx] if dataloader_idx < len(totals) else float("inf")
         done = batch_idx + 1
-        last = total != float("inf") and done >= total
-        if now - self._last < self.every_s and not last:
+        elapsed = self._elapsed_if_due(total != float("inf") and done >= total)
+        if elapsed is None:
             return
-        self._last = now
         of = f"/{int(total)} ({100 * done // int(total)}%)" if total != float("inf") else ""
-        self._say(f"batch {done}{of} | {done / max(now - self._t0, 1e-9):.3g} batches/s")
+        self._say(f"batch {done}{of} | {done / elapsed:.3g} batches/s")
 
 
 def progress_callbacks(enabled: bool, prefix: str, refresh_rate: int = 1, stream=None) -> list[pl.Callback]:
     """The progress display: Lightning's bar on a terminal, `LineProgress` lines otherwise (a log
     file, CI, SLURM); nothing when `enabled` is false. Decided by whether `stream` (stdout, where
     Lightning's bar writes) is a terminal."""
-    import sys
-
     if not enabled:
         return []
     stream = stream or sys.stdout
