@@ -18,10 +18,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -133,16 +135,44 @@ def read_source(spark, source: str, files: list[RawFile]):
 # ---------------------------------------------------------------------------------- spark
 
 
+# log4j2 configuration of a JVM that plm-prep starts in local mode (see the file's header)
+LOCAL_LOG4J = Path(__file__).with_name("log4j2-local.properties")
+
+
+def session_conf(spark_cfg) -> dict[str, str]:
+    """The settings `spark_session` builds a session with: the job's defaults, then the user's
+    `spark.conf`, then `REQUIRED_SPARK_CONF`.
+
+    In local mode (`master` local, local[N], local[*]) the driver JVM also gets PLM's log4j2
+    configuration (`LOCAL_LOG4J`: Spark's defaults at WARN, without the native-hadoop warning and
+    the start-up banner lines) unless the user sets `spark.driver.extraJavaOptions` (then theirs
+    is used as is). A cluster's driver keeps the cluster's logging."""
+    # Spark's console progress bar redraws one line with carriage returns: on a terminal it is the
+    # job's progress bar; in a log file or CI it is a run-on line, so it is off there (a user conf wins)
+    console = {"spark.ui.showConsoleProgress": str(sys.stderr.isatty()).lower()}
+    defaults = dict(DEFAULT_SPARK_CONF)
+    if is_local(spark_cfg.master):
+        key = "spark.driver.extraJavaOptions"
+        defaults[key] = f"{defaults[key]} -Dlog4j2.configurationFile={LOCAL_LOG4J.as_uri()}"
+    return {k: str(v) for k, v in {**defaults, **console, **spark_cfg.conf, **REQUIRED_SPARK_CONF}.items()}
+
+
+def is_local(master: str) -> bool:
+    return master == "local" or master.startswith("local[")
+
+
 def spark_session(spark_cfg):
     """Get or create the SparkSession described by `SparkConfig` (master, conf, log level)."""
     from pyspark.sql import SparkSession
 
+    if is_local(spark_cfg.master):
+        # Local mode needs no network address: without this Spark looks one up, warns twice that
+        # the host name resolves to loopback, and binds to the first interface (a user's
+        # SPARK_LOCAL_IP wins). Read by the JVM this process starts, not by a running one.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     builder = SparkSession.builder.master(spark_cfg.master).appName(spark_cfg.app_name)
-    # Spark's console progress bar redraws one line with carriage returns: on a terminal it is the
-    # job's progress bar; in a log file or CI it is a run-on line, so it is off there (a user conf wins)
-    console = {"spark.ui.showConsoleProgress": str(sys.stderr.isatty()).lower()}
-    for k, v in {**DEFAULT_SPARK_CONF, **console, **spark_cfg.conf, **REQUIRED_SPARK_CONF}.items():
-        builder = builder.config(k, str(v))
+    for k, v in session_conf(spark_cfg).items():
+        builder = builder.config(k, v)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(spark_cfg.log_level)
     # py4j logs its connection life at INFO, which reaches the CLI's root handler: a stray
@@ -344,7 +374,8 @@ def run_prep(cfg, spark=None) -> dict:
                          f"({', '.join(f'{s} {len(inputs[s])} files' for s in RAW_SOURCES)})")
     log(
         "inputs: "
-        + ", ".join(f"{s} {len(inputs[s])} files / {n_input[s]:,} rows" for s in RAW_SOURCES)
+        + ", ".join(f"{s} {len(inputs[s])} files / {n_input[s]:,} rows" if inputs[s]
+                    else f"{s} none (no Parquet files in {s}/)" for s in RAW_SOURCES)
         + (f", labels {labels.uri}" if labels else ", no labels")
     )
     staging = Location.of(cfg.out.rstrip("/") + ".__staging__")

@@ -40,6 +40,9 @@ def test_cli_end_to_end(world):
     assert "plm-prep: wrote" in stdout and "quarantined" in stdout
     # no log lines a user cannot act on: py4j's connection life, Spark's truncated plan text
     assert "clientserver" not in stdout and "Truncated the string" not in stdout, stdout[-3000:]
+    # nor local-mode JVM start-up chatter (data_prep/log4j2-local.properties, SPARK_LOCAL_IP)
+    for chatter in ("log4j profile", "NativeCodeLoader", "loopback address", "setLogLevel"):
+        assert chatter not in stdout, stdout[-3000:]
     for source, acc in m["accounting"].items():
         assert acc["input_rows"] == acc["kept_rows"] + acc["quarantined_total"] + acc["duplicate_rows"], source
     assert sum(a["quarantined_total"] for a in m["accounting"].values()) > 0
