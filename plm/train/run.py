@@ -156,6 +156,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             entity=cfg.logger.entity or None, offline=cfg.logger.wandb_mode == "offline",
             config=OmegaConf.to_container(OmegaConf.structured(cfg)),
         )
+        # Lightning passes anonymous=None to wandb.init unconditionally and wandb warns about any
+        # value ("The anonymous setting has no effect", wandb/wandb#10909); PLM never uses it
+        init = getattr(wandb_logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
         loggers.append(wandb_logger)
 
     ckpt_dir = run_dir / "checkpoints"

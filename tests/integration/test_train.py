@@ -50,7 +50,7 @@ def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     return out
 
 
-def test_run_folder_and_checkpoints(prepared, tmp_path):
+def test_run_folder_and_checkpoints(prepared, tmp_path, capfd):
     cfg = make_cfg(prepared, tmp_path / "run", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3",
                    "trainer.val_check_interval=3", "logger=wandb", "objective.masked.last_prob=0.5",
                    "objective.masked.last_jitter=true")
@@ -71,6 +71,8 @@ def test_run_folder_and_checkpoints(prepared, tmp_path):
               "perf/events_per_s", "perf/tokens_per_s", "perf/mfu", "data/wait_fraction"):
         assert k in names, k
     assert list((run / "wandb").glob("offline-run-*"))
+    printed = capfd.readouterr()
+    assert "anonymous setting" not in printed.out + printed.err  # Lightning's anonymous=None, dropped
 
 
 def test_checkpoints_record_the_architecture_the_weights_chose(prepared, tmp_path):
