@@ -55,6 +55,21 @@ def fmt_ci(m: dict) -> str:
     return f"{v} [{fmt(lo)}, {fmt(hi)}]"
 
 
+def fmt_delta(m: dict) -> str:
+    """A paired difference [CI], signed with three decimals (`+0.012 [-0.004, +0.027]`): the
+    figures of one row line up and a tiny difference reads as about zero, not as `0.000486`."""
+
+    def one(x) -> str:
+        if x is None or not math.isfinite(x):
+            return "–"
+        return f"{x:+.3f}".replace("-0.000", "+0.000")
+
+    v, lo, hi = m.get("value"), m.get("ci_low"), m.get("ci_high")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return one(v)
+    return f"{one(v)} [{one(lo)}, {one(hi)}]"
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |" for r in rows]
@@ -300,7 +315,7 @@ def render_markdown(rep: dict, extra_sections: dict | None) -> str:
             row = [f"`{fs}`", *(fmt_ci(res[m]) for m in metrics)]
             if t["deltas_vs_aggregates"]:
                 d = t["deltas_vs_aggregates"].get(fs)
-                row.append(fmt_ci(d) if d else "(baseline)")
+                row.append(fmt_delta(d) if d else "(baseline)")
             rows.append(row)
         header = ["feature set / probe", *metrics]
         if t["deltas_vs_aggregates"]:

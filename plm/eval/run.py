@@ -535,7 +535,7 @@ def summary(rep: dict) -> str:
             d = t["deltas_vs_aggregates"].get(fs)
             lines.append(
                 f"{name:<16} {t['type']:<10} {t['n_users']:>6}  {fs:<17} {m:<18} {R.fmt_ci(res[m]):<26} "
-                + (R.fmt_ci(d) if d else ("(baseline)" if fs == BASELINE else ""))
+                + (R.fmt_delta(d) if d else ("(baseline)" if fs == BASELINE else ""))
             )
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ import pytest
 
 from data_prep.synth import SynthConfig, generate_world, write_world
 from plm.eval.config import EvalConfig, LGBMConfig
-from plm.eval.report import render_section
+from plm.eval.report import fmt_delta, render_section
 from plm.eval.run import EvalInputError, run_eval
 
 
@@ -119,6 +119,13 @@ def test_extra_section_rendering():
     assert "| loss | 1.500 |" in md and "| name | gpt |" in md
     assert "### dec / fields" in md and "|  | acc | top.k5 |" in md
     assert "| mcc | 0.500 | 0.900 |" in md and "| amount | 0.250 | – |" in md
+
+
+def test_deltas_are_signed_with_three_decimals():
+    assert fmt_delta({"value": 0.000486, "ci_low": -0.0021, "ci_high": 0.0031}) == "+0.000 [-0.002, +0.003]"
+    assert fmt_delta({"value": -0.174, "ci_low": -0.21, "ci_high": -0.1419}) == "-0.174 [-0.210, -0.142]"
+    assert fmt_delta({"value": -0.0002, "ci_low": float("nan"), "ci_high": 0.1}) == "+0.000"
+    assert fmt_delta({"value": None}) == "–"
 
 
 def _labels(tmp_path, **cols):
