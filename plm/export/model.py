@@ -17,6 +17,9 @@ encoders trained with that pooling (they need its weights); `recent` (= `recent1
 `recent<N>d`: the events' states averaged with weights exp(-age / N days), age counted back from
 the user's last event, i.e. an exponentially time-decayed mean that follows what the user did in
 the last weeks (trend, fading activity), which the plain mean averages away over the whole window.
+`bank` (encoders trained with `model.heads.membership_bank > 0`, which `model` then includes):
+log1p of the summed ReLU detectors of the membership head over the user's events, a count of
+each learned kind of event (a sum, so a rare burst is not divided by the history's length).
 `mean_asof` is the older spelling of `mean+asof`.
 
 As-of poolings (encoders with time-aware positions): one query event is appended to every
@@ -44,7 +47,7 @@ from plm.model import PLMDecoder, PLMEncoder, model_config_from_dict
 from plm.model.batch import MASK, value_key
 from plm.train.config import trains_as_of_query
 
-POOLING_PARTS = ("model", "mean", "last", "max", "cls", "attention", "asof", "recent")
+POOLING_PARTS = ("model", "mean", "last", "max", "cls", "attention", "asof", "recent", "bank")
 POOLING_ALIASES = {"mean_asof": "mean+asof"}
 DEFAULT_POOLING = "model+recent"
 RECENT_DAYS = 14.0  # time constant of `recent` without a suffix
@@ -183,6 +186,8 @@ def resolve_pooling(model: nn.Module, pooling: str, as_of_query: bool = False) -
         trained = "mean+asof"
     else:
         trained = model.cfg.pooling
+    if not decoder and has_bank(model):
+        trained += "+bank"
     asked = split_pooling(pooling)
     parts: list[str] = []
     for p in (q for part in asked for q in (trained.split("+") if part == "model" else [part])):
@@ -199,6 +204,9 @@ def resolve_pooling(model: nn.Module, pooling: str, as_of_query: bool = False) -
                 raise ValueError(f"{what} needs time-aware positions (model.position.rope=time|both or "
                                  f"a time_* bias): with position.rope={model.cfg.position.rope}, "
                                  f"bias={model.cfg.position.bias!r} the query event would not know the as-of time")
+        if p == "bank" and (decoder or not has_bank(model)):
+            raise ValueError(f"{what} needs an encoder trained with a membership bank "
+                             "(model.heads.membership_bank > 0 and objective.masked.membership_weight > 0)")
         if p in ("cls", "attention"):
             if decoder or model.cfg.pooling != p:
                 raise ValueError(f"{what} needs an encoder trained with pooling={p} "
@@ -208,6 +216,12 @@ def resolve_pooling(model: nn.Module, pooling: str, as_of_query: bool = False) -
                 raise ValueError(f"pooling={pooling}: the model's {p} pooling would also read the as-of query "
                                  f"event; export asof and {p} separately")
     return "+".join(parts)
+
+
+def has_bank(model: nn.Module) -> bool:
+    """The encoder has the membership head's event-count detectors (`bank` pooling)."""
+    head = getattr(model, "membership", None)
+    return head is not None and head.bank is not None
 
 
 def masked_pool(h: Tensor, mask: Tensor, kind: str, ts: Tensor | None = None) -> Tensor:
@@ -284,7 +298,8 @@ class Embedder(nn.Module):
 
     @property
     def dim(self) -> int:
-        return len(self.parts) * int(self.model.cfg.d_model)
+        d = int(self.model.cfg.d_model)
+        return sum(self.model.membership.bank.out_features if p == "bank" else d for p in self.parts)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         if "segment_ids" in batch:
@@ -303,6 +318,8 @@ class Embedder(nn.Module):
                 vecs.append(state)
             elif p in ("cls", "attention"):
                 vecs.append(out.pooled)
+            elif p == "bank":
+                vecs.append(self.model.membership.counts_rows(h, mask).to(h.dtype))
             else:
                 vecs.append(masked_pool(h, mask, p, batch["ts"]))
         return (vecs[0] if len(vecs) == 1 else torch.cat(vecs, dim=-1)).float()

@@ -121,6 +121,10 @@ class HeadsConfig:
     # a query projection of the pooled user vector and of a key MLP over an event's input
     # embedding; each masked event must be matched to its own user among the batch's. 0 = none.
     membership_dim: int = 0
+    # Detectors of the membership head's event counts (needs membership_dim > 0): a linear map of
+    # each event's final state, ReLU, summed over the user's events, log1p; the query reads them
+    # beside the pooled vector, and plm-export's `bank` pooling part exports them. 0 = none.
+    membership_bank: int = 0
 
 
 @dataclass
@@ -190,6 +194,11 @@ class ModelConfig:
         check(self.ffn.n_experts == 0 or 1 <= self.ffn.top_k <= self.ffn.n_experts,
               "ffn.top_k must be in [1, n_experts]")
         check(self.heads.time in ("lognormal", "binned", "none"), f"unknown heads.time '{self.heads.time}'")
+        check(self.heads.membership_dim >= 0 and self.heads.membership_bank >= 0,
+              "heads.membership_dim and heads.membership_bank must be >= 0")
+        check(self.heads.membership_bank == 0 or self.heads.membership_dim > 0,
+              f"heads.membership_bank={self.heads.membership_bank} needs heads.membership_dim > 0 "
+              "(the bank is read by the membership head's query)")
         return self
 
 

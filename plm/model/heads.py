@@ -197,15 +197,39 @@ class EventHeads(nn.Module):
 
 class MembershipHead(nn.Module):
     """Event membership scores: `query(pooled) (N, dim)` and `key(event input embeddings) (n, dim)`,
-    both L2-normalised; their dot product says how well an event fits a user's pooled vector."""
+    both L2-normalised; their dot product says how well an event fits a user's pooled vector.
 
-    def __init__(self, d_model: int, dim: int):
+    With `bank > 0` the query also reads the user's *event counts*: `bank` learned detectors
+    (a linear map of each event's final state, ReLU), summed over the user's events and
+    log1p-scaled (`counts`, (N, bank)).
+    A sum, not a mean: a burst of 2 rare events among 300 still counts 2. Membership rewards
+    detectors of what is particular to a user; plm-export reads them as the `bank` pooling part."""
+
+    def __init__(self, d_model: int, dim: int, bank: int = 0):
         super().__init__()
-        self.query = nn.Linear(d_model, dim)
+        self.bank = nn.Linear(d_model, bank) if bank > 0 else None
+        self.query = nn.Linear(d_model + max(bank, 0), dim)
         self.key = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, dim))
 
-    def forward(self, pooled: Tensor, events: Tensor) -> tuple[Tensor, Tensor]:
-        return F.normalize(self.query(pooled), dim=-1), F.normalize(self.key(events), dim=-1)
+    def counts(self, h: Tensor, seq: Tensor, n: int) -> Tensor:
+        """(B, T, d) final states, (B, T) sequence index of each event (-1: padding; see
+        `plm.model.batch.sequence_index`), n sequences -> (n, bank) log1p of the summed detectors."""
+        flat = seq.reshape(-1)
+        keep = flat >= 0
+        f = torch.relu(self.bank(h.reshape(-1, h.shape[-1])[keep])).float()
+        return torch.log1p(f.new_zeros(n, f.shape[-1]).index_add_(0, flat[keep], f))
+
+    def counts_rows(self, h: Tensor, mask: Tensor) -> Tensor:
+        """`counts` of an unpacked batch (one sequence per row, `mask` (B, T) bool of real events),
+        written with masks only (ONNX export, torch.compile)."""
+        f = torch.relu(self.bank(h)).float() * mask[..., None].float()
+        return torch.log1p(f.sum(1))
+
+    def forward(self, pooled: Tensor, events: Tensor, counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if (counts is None) != (self.bank is None):
+            raise ValueError("MembershipHead: pass counts exactly when the head has a bank")
+        q_in = pooled if counts is None else torch.cat([pooled, counts.to(pooled.dtype)], dim=-1)
+        return F.normalize(self.query(q_in), dim=-1), F.normalize(self.key(events), dim=-1)
 
 
 class ProjectionHead(nn.Module):

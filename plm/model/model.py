@@ -195,7 +195,7 @@ class PLMEncoder(EventTransformer):
         self.cls = nn.Parameter(torch.randn(d) * cfg.init_std) if cfg.pooling == "cls" else None
         self.pool_query = nn.Linear(d, 1) if cfg.pooling == "attention" else None
         self.projection = ProjectionHead(d, cfg.heads.projection_dim) if cfg.heads.projection_dim else None
-        self.membership = MembershipHead(d, cfg.heads.membership_dim) if cfg.heads.membership_dim else None
+        self.membership = MembershipHead(d, cfg.heads.membership_dim, cfg.heads.membership_bank) if cfg.heads.membership_dim else None
         self._init_weights()  # again, to cover the modules added here
 
     def _insert_cls(self, x, pos, seconds, valid, seg):

@@ -64,7 +64,12 @@ class PretrainNet(torch.nn.Module):
         if member_sel is not None and getattr(self.model, "membership", None) is not None:
             # keys from the events' own input embeddings (fields only, not the model's context)
             events = self.model.embed(member_events)[member_sel]  # (n, d)
-            out.membership = self.model.membership(out.pooled, events)
+            head = self.model.membership
+            counts = None
+            if head.bank is not None:  # the user's event counts (sum over its real events)
+                seq, n = sequence_index(batch, out.valid)
+                counts = head.counts(out.hidden, seq, n)
+            out.membership = head(out.pooled, events, counts)
         return out, pred, z
 
 

@@ -122,7 +122,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank0 and module.arch == "decoder":  # e.g. conf/sweep/objective.yaml over an encoder preset
         heads = module.model.cfg.heads
         for key, value, serves in (("projection_dim", heads.projection_dim, "the encoder's contrastive objective"),
-                                   ("membership_dim", heads.membership_dim, "the encoder's masked objective")):
+                                   ("membership_dim", heads.membership_dim, "the encoder's masked objective"),
+                                   ("membership_bank", heads.membership_bank, "the encoder's masked objective")):
             if value > 0:
                 print(f"plm-train: model.heads.{key}={value} has no effect on a decoder (the head serves {serves})",
                       flush=True)

@@ -250,6 +250,8 @@ CASES = {  # id: (model config keys, export pooling, arch)
                               "encoder"),
     "pool_mean_max_recent3d": (TIME, "mean+max+recent3d", "encoder"),
     "pool_cls": ({"pooling": "cls", "position.rope": "both"}, "cls", "encoder"),
+    # the membership bank's event counts: `model` = mean+bank, 32 + 16 + 32 dims
+    "pool_bank": ({"heads.membership_dim": 8, "heads.membership_bank": 16}, "model+recent", "encoder"),
     "pool_attention_recent": ({"pooling": "attention"}, "attention+recent", "encoder"),
     "pool_cls_asof": ({"pooling": "cls", "position.bias": "time_bucket"}, "asof", "encoder"),
     "pool_attention": ({"pooling": "attention", "attention.n_kv_heads": 2}, "attention", "encoder"),

@@ -210,6 +210,7 @@ def test_membership_matches_masked_events_to_their_own_user():
 
     cfg = tiny_cfg()
     cfg.heads.membership_dim = 16
+    cfg.heads.membership_bank = 8
     torch.manual_seed(0)
     model = PLMEncoder(cfg, TOY_VOCAB, list(TOY_NUMERIC))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -237,6 +238,47 @@ def test_membership_matches_masked_events_to_their_own_user():
     assert q.shape[0] == 4
     with pytest.raises(ValueError, match="model.heads.membership_dim > 0"):
         obj(PLMEncoder(tiny_cfg(), TOY_VOCAB, list(TOY_NUMERIC)), padded_batch(), torch.Generator())
+
+
+def test_membership_bank_counts_events_and_is_exported():
+    """heads.membership_bank: per-user log1p sums of ReLU detectors of the final states, the same
+    for a packed batch and for its rows; they feed the membership query (gradients reach the
+    bank), and plm-export's `bank` part (in `model`) returns them; a model without a bank refuses
+    `bank`, and a bank without the head is a config error."""
+    import pytest
+
+    from plm.export.model import Embedder
+    from plm.model.batch import sequence_index
+
+    cfg = tiny_cfg()
+    cfg.heads.membership_dim, cfg.heads.membership_bank = 16, 6
+    torch.manual_seed(0)
+    model = PLMEncoder(cfg, TOY_VOCAB, list(TOY_NUMERIC)).eval()
+    head = model.membership
+    assert head.bank.out_features == 6
+    b = padded_batch()
+    with torch.no_grad():
+        out = model(b)
+        seq, n = sequence_index(b, out.valid)
+        counts = head.counts(out.hidden, seq, n)
+        rows = head.counts_rows(out.hidden, b["attention_mask"].bool())
+        f = torch.relu(head.bank(out.hidden)) * b["attention_mask"][..., None]
+    torch.testing.assert_close(counts, rows)
+    torch.testing.assert_close(counts, torch.log1p(f.sum(1)))  # a sum over real events, not a mean
+    emb = Embedder(model, "model")
+    assert emb.pooling == "mean+bank" and emb.dim == cfg.d_model + 6
+    with torch.no_grad():
+        torch.testing.assert_close(emb(b)[:, cfg.d_model:], rows)
+    model.train()
+    res = MaskedEventObjective(0.3, 0.0, membership_weight=1.0)(model, b, torch.Generator().manual_seed(0))
+    res.loss.backward()
+    assert head.bank.weight.grad is not None and head.bank.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="membership bank"):
+        Embedder(PLMEncoder(tiny_cfg(), TOY_VOCAB, list(TOY_NUMERIC)), "mean+bank")
+    bad = tiny_cfg()
+    bad.heads.membership_bank = 4
+    with pytest.raises(ValueError, match="membership_bank=4 needs heads.membership_dim > 0"):
+        bad.validate()
 
 
 def test_membership_config_is_checked_and_the_unused_head_frozen():
