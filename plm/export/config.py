@@ -28,7 +28,7 @@ class ExportConfig:
     overwrite: bool = False
     format: str = "parquet"  # parquet (embeddings per spec/outputs.md) | onnx (the encoder as an ONNX graph)
     quantize: str = "none"  # none | int8 (dynamic int8 of every Linear; agreement with fp32 is checked)
-    # parts joined by '+': model | mean | last | max | cls | attention | asof | recent | recent<N>d
+    # parts joined by '+': model | mean | last | max | cls | attention | asof | recent | recent<N>d | bank
     # (plm.export.model); default: what the model was trained with + the time-decayed recent mean
     pooling: str = "model+recent"
     normalize: bool = False  # L2-normalise every embedding (cosine = dot product)
