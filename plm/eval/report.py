@@ -47,27 +47,25 @@ def fmt(x) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def fmt_ci(m: dict) -> str:
-    v = fmt(m.get("value"))
+def fmt_ci(m: dict, one=fmt) -> str:
+    """`value [ci_low, ci_high]`, each number written by `one` (the value alone without a finite CI)."""
+    v = one(m.get("value"))
     lo, hi = m.get("ci_low"), m.get("ci_high")
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return v
-    return f"{v} [{fmt(lo)}, {fmt(hi)}]"
+    return f"{v} [{one(lo)}, {one(hi)}]"
+
+
+def _signed(x) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:+.3f}".replace("-0.000", "+0.000")
 
 
 def fmt_delta(m: dict) -> str:
     """A paired difference [CI], signed with three decimals (`+0.012 [-0.004, +0.027]`): the
     figures of one row line up and a tiny difference reads as about zero, not as `0.000486`."""
-
-    def one(x) -> str:
-        if x is None or not math.isfinite(x):
-            return "–"
-        return f"{x:+.3f}".replace("-0.000", "+0.000")
-
-    v, lo, hi = m.get("value"), m.get("ci_low"), m.get("ci_high")
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return one(v)
-    return f"{one(v)} [{one(lo)}, {one(hi)}]"
+    return fmt_ci(m, _signed)
 
 
 def table(header: list[str], rows: list[list]) -> str:
