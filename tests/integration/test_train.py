@@ -75,6 +75,21 @@ def test_run_folder_and_checkpoints(prepared, tmp_path, capfd):
     assert "anonymous setting" not in printed.out + printed.err  # Lightning's anonymous=None, dropped
 
 
+def test_logging_interval_longer_than_an_epoch_logs_by_step_without_a_warning(prepared, tmp_path):
+    """A small world has fewer batches per epoch than `trainer.log_every_n_steps`: Lightning warns
+    that it cannot log, yet it logs by global step across epochs. plm-train keeps the logging
+    and drops the misleading warning."""
+    import warnings
+
+    cfg = make_cfg(prepared, tmp_path / "run", "data.max_tokens=512", "trainer.max_steps=25",  # 5 batches an epoch
+                   "trainer.log_every_n_steps=10", "trainer.val_check_interval=0", "trainer.max_epochs=-1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    assert not [w for w in caught if "logging interval" in str(w.message)]
+    assert sorted(losses(tmp_path / "run")) == [9, 19]  # every 10 steps, across 5 epochs
+
+
 def test_checkpoints_record_the_architecture_the_weights_chose(prepared, tmp_path):
     """`objective=masked` re-weighted into next-event prediction trains a decoder: final.pt and the
     Lightning checkpoints both load as one (the .ckpt used to be read by the preset's name)."""
