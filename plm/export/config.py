@@ -40,7 +40,7 @@ class ExportConfig:
     index: str = "none"  # none | flat (exact cosine) | hnsw: a FAISS index beside the Parquet (faiss-cpu)
     min_cosine: float = 0.99  # quantize/onnx: fail if any checked user's cosine with fp32 is lower
     agreement_users: int = 512  # users (first batches) compared with the fp32 model
-    opset: int = 17  # ONNX opset
+    opset: int = 23  # ONNX opset, >= 18; 23+: one fused Attention node per block (ONNX Runtime >= 1.23)
     progress: bool = True  # progress bar
     # The hardware keys of plm-train's trainer group (trainer=cpu|gpu|ddp|...): accelerator, devices,
     # num_nodes, strategy (auto | ddp), precision, process_group_backend, num_threads,

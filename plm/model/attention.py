@@ -150,6 +150,10 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, dropout_p:
         k = k[:, :, None].expand(B, Hkv, H // Hkv, S, D).reshape(B, H, S, D)
         v = v[:, :, None].expand(B, Hkv, H // Hkv, S, D).reshape(B, H, S, D)
         Hkv = H
+    if mask is not None and torch.onnx.is_in_onnx_export():
+        # ONNX Runtime's fused Attention (opset 23) wants the mask's query axis at full length; it
+        # does not broadcast a (B, 1, 1, S) padding mask over the queries as SDPA does
+        mask = mask.expand(*mask.shape[:-2], q.shape[2], mask.shape[-1])
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0, is_causal=is_causal,
         enable_gqa=H != Hkv,

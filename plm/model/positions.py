@@ -45,17 +45,23 @@ def sinusoidal(pos: Tensor, dim: int, base: float = 10000.0) -> Tensor:
 
 def index_frequencies(n_pairs: int, theta: float = 10000.0, device=None) -> Tensor:
     """RoPE inverse frequencies theta^(-i/n_pairs), i = 0..n_pairs-1 (float64)."""
-    return theta ** (-torch.arange(n_pairs, device=device, dtype=torch.float64) / n_pairs)
+    return _constant([theta ** (-i / n_pairs) for i in range(n_pairs)], device)
 
 
 def time_frequencies(n_pairs: int, min_period: float, max_period: float, device=None) -> Tensor:
     """Angular frequencies 2*pi/period (rad per second), periods log-spaced from min to max."""
     if n_pairs == 1:
-        periods = torch.tensor([min_period], dtype=torch.float64, device=device)
-    else:
-        frac = torch.arange(n_pairs, device=device, dtype=torch.float64) / (n_pairs - 1)
-        periods = min_period * (max_period / min_period) ** frac
-    return 2 * math.pi / periods
+        return _constant([2 * math.pi / min_period], device)
+    ratio = max_period / min_period
+    return _constant([2 * math.pi / (min_period * ratio ** (i / (n_pairs - 1))) for i in range(n_pairs)], device)
+
+
+def _constant(values: list[float], device=None) -> Tensor:
+    """float64 tensor of Python floats. Computed in Python, not in tensor ops: torch.onnx's
+    exporter traced `scalar ** tensor` and `scalar / tensor` with float32 scalars, and the time
+    frequencies lost their float64 precision (angles of months of seconds were off by a tenth of
+    a radian in ONNX Runtime)."""
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def rope_cis(angles: Tensor) -> Tensor:
@@ -257,7 +263,9 @@ class PositionEncoding(nn.Module):
     def absolute_embedding(self, pos: Tensor) -> Tensor | None:
         """(B, T) positions -> (B, T, d_model) or None."""
         if self.cfg.absolute == "learned":
-            if int(pos.max()) >= self.cfg.max_len:
+            # (not while exporting to ONNX: a data-dependent check cannot be traced; ONNX Runtime's
+            # Gather refuses an index past the table with its own error)
+            if not torch.onnx.is_in_onnx_export() and int(pos.max()) >= self.cfg.max_len:
                 raise ValueError(f"position {int(pos.max())} >= position.max_len={self.cfg.max_len}")
             return self.absolute(pos)
         if self.cfg.absolute == "sinusoidal":

@@ -344,6 +344,10 @@ def test_errors_are_clear(trained, tmp_path):
         run_export(export_cfg(prep, tmp_path / "nope.pt", tmp_path / "x"))
     with pytest.raises(ValueError, match="format='csv' is not one of"):
         run_export(export_cfg(prep, ckpt, tmp_path / "x", format="csv"))
+    with pytest.raises(ValueError, match="opset=17: ONNX export needs opset >= 18"):
+        run_export(export_cfg(prep, ckpt, tmp_path / "x", format="onnx", opset=17))
+    with pytest.raises(ValueError, match="opset=20 is the ONNX graph's opset: use it with format=onnx"):
+        run_export(export_cfg(prep, ckpt, tmp_path / "x", opset=20))
     other = write_prepared(tmp_path / "other")
     tok = json.loads((other / "tokenizer.json").read_text())
     tok["categorical"]["merchant"] = tok["categorical"]["merchant"][:5]
