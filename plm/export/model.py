@@ -382,7 +382,7 @@ def export_onnx(embedder: Embedder, sample: dict[str, Tensor], names: list[str],
 
     torch.onnx's exporter (`torch.export`, then onnxscript). From opset 23 attention is one ONNX
     `Attention` node per block, which ONNX Runtime (>= 1.23) runs as a fused kernel: on the demo
-    checkpoint 1.11x eager PyTorch, against 0.80x for the opset-17 graph of the TorchScript
+    checkpoint 1.12x eager PyTorch, against 0.81x for the opset-17 graph of the TorchScript
     exporter with attention spelled out as MatMul/Softmax (README, export bench). Opsets 18-22
     spell attention out, for runtimes older than opset 23."""
     if opset < ONNX_MIN_OPSET:
