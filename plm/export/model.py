@@ -412,8 +412,10 @@ def _quiet_onnx_exporter():
     calls inside torch; none of it is for a user of plm-export (failures still raise)."""
     import logging
 
+    # onnx_ir's graph passes log one INFO line per deduplicated constant (hundreds), which hydra's
+    # INFO root handler printed
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
-                                              "onnxscript", "torch.export")]
+                                              "onnxscript", "onnx_ir", "torch.export")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
