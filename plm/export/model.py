@@ -497,11 +497,10 @@ def cosine_agreement(a: Tensor, b: Tensor) -> dict[str, float]:
 
 
 def _in_blocks(node) -> bool:
-    """Whether an ONNX node comes from a transformer block: the module path torch.onnx's exporter
-    records in the node's metadata (`pkg.torch.onnx.name_scopes`), or the TorchScript exporter's
-    node name (`/model/blocks.0/...`)."""
+    """Whether an ONNX node of `export_onnx`'s graph comes from a transformer block: the module
+    path torch.onnx's exporter records in the node's metadata (`pkg.torch.onnx.name_scopes`)."""
     scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-    return ".blocks." in scopes or "/blocks." in node.name
+    return ".blocks." in scopes
 
 
 def quantize_onnx_int8(src: str | Path, dst: str | Path) -> None:
