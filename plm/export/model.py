@@ -373,6 +373,15 @@ ONNX_MIN_OPSET = 18  # the oldest opset torch.onnx's (dynamo) exporter writes
 ONNX_FUSED_ATTENTION_OPSET = 23  # ONNX `Attention` and `RMSNormalization`: fused kernels in ONNX Runtime
 
 
+def check_onnx_opset(opset: int) -> None:
+    """A ValueError for an opset torch.onnx's exporter cannot write (plm-export checks it before
+    anything loads; `export_onnx` for library callers)."""
+    if opset < ONNX_MIN_OPSET:
+        raise ValueError(f"opset={opset}: ONNX export needs opset >= {ONNX_MIN_OPSET} (torch.onnx's exporter); "
+                         f"{ONNX_FUSED_ATTENTION_OPSET} (the default) gives ONNX Runtime (>= 1.23) a fused "
+                         "attention kernel")
+
+
 def export_onnx(embedder: Embedder, sample: dict[str, Tensor], names: list[str], path: str | Path,
                 opset: int = ONNX_FUSED_ATTENTION_OPSET, normalize: bool = False) -> None:
     """Write `embedder` as an ONNX graph with dynamic batch and sequence axes (`normalize`: the
@@ -385,9 +394,7 @@ def export_onnx(embedder: Embedder, sample: dict[str, Tensor], names: list[str],
     checkpoint 1.12x eager PyTorch, against 0.81x for the opset-17 graph of the TorchScript
     exporter with attention spelled out as MatMul/Softmax (README, export bench). Opsets 18-22
     spell attention out, for runtimes older than opset 23."""
-    if opset < ONNX_MIN_OPSET:
-        raise ValueError(f"opset={opset}: ONNX export needs opset >= {ONNX_MIN_OPSET} (torch.onnx's exporter); "
-                         f"{ONNX_FUSED_ATTENTION_OPSET} (the default) gives ONNX Runtime its fused attention")
+    check_onnx_opset(opset)
     if bool(sample["attention_mask"].all()):
         raise ValueError("export_onnx: the sample batch needs at least one padded position")
     wrapped = OnnxEmbedder(embedder, names, normalize).eval()

@@ -45,9 +45,9 @@ import torch
 from plm.data.tokenizer import iso_us
 from plm.export.config import FORMATS, INDEXES, QUANTIZE, ExportConfig
 from plm.export.model import (
-    ONNX_MIN_OPSET,
     Embedder,
     LoadedModel,
+    check_onnx_opset,
     check_tokenizer,
     compile_embedder,
     cosine_agreement,
@@ -134,9 +134,7 @@ def check_config(cfg: ExportConfig) -> None:
         raise ValueError("index= builds a FAISS index over exported embeddings: use it with format=parquet")
     if cfg.format != "onnx" and cfg.opset != ExportConfig.opset:
         raise ValueError(f"opset={cfg.opset} is the ONNX graph's opset: use it with format=onnx")
-    if cfg.opset < ONNX_MIN_OPSET:
-        raise ValueError(f"opset={cfg.opset}: ONNX export needs opset >= {ONNX_MIN_OPSET} (torch.onnx's exporter); "
-                         f"{ExportConfig.opset} (the default) gives ONNX Runtime (>= 1.23) a fused attention kernel")
+    check_onnx_opset(cfg.opset)
     if cfg.format == "onnx" and cfg.row_group_size != ExportConfig.row_group_size:
         raise ValueError(f"row_group_size={cfg.row_group_size} sizes the Parquet embeddings; format=onnx writes none")
     if cfg.format == "onnx" and (cfg.trainer.devices > 1 or cfg.trainer.num_nodes > 1 or cfg.trainer.strategy != "auto"):
