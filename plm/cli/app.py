@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -54,6 +55,10 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
                 print(f"plm-{config_name}: error: {need} {'is' if len(keys) == 1 else 'are'} required "
                       f"(`plm-{config_name} --help` shows the config)", file=sys.stderr)
                 sys.exit(2)
+            # matplotlib logs "generated new fontManager" at INFO the first time it runs on a
+            # machine (every fresh clone's demo; Lightning imports it), which hydra's root
+            # handler printed
+            logging.getLogger("matplotlib").setLevel(logging.WARNING)
             _one_lightning_log(config_name)
             return fn(obj)
 
@@ -67,8 +72,6 @@ def _one_lightning_log(config_name: str) -> None:
     imported, and its records also reach hydra's root handler (stdout): every line was printed
     twice. Import it now and drop that handler, so each line is printed once, on stdout with the
     rest of the run's output. Only the tools that run Lightning pay for importing it (~4 s)."""
-    import logging
-
     if config_name not in ("train", "export", "pipeline") or not logging.getLogger().handlers:
         return
     import lightning  # noqa: F401  (adds the handler)

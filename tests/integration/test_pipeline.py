@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.spark]
 def world(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("pipeline")
     exe = Path(sys.executable).parent
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    # a fresh matplotlib config folder: matplotlib builds its font cache and logs it (a fresh clone)
+    env = {**os.environ, "WANDB_MODE": "offline", "MPLCONFIGDIR": str(root / "mpl")}
     r = subprocess.run([str(exe / "plm-synth"), f"out={root / 'raw'}", "users=160", "seed=7"], capture_output=True,
                        text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -45,6 +46,7 @@ def test_every_stage_wrote_its_outputs(world):
     assert emb.num_rows == sum(s["users"] for s in manifest["splits"].values())
     assert emb.num_rows == len(set(emb.column("user_id").to_pylist()))
     assert f"report: {out / 'report' / 'report.md'}" in r.stdout.replace(str(out.resolve()), str(out))
+    assert "fontManager" not in r.stdout + r.stderr  # matplotlib's first-run INFO line stays quiet
 
 
 def test_report_has_tables_plots_and_numbers(world):
