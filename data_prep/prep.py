@@ -170,6 +170,9 @@ def spark_session(spark_cfg):
         # the host name resolves to loopback, and binds to the first interface (a user's
         # SPARK_LOCAL_IP wins). Read by the JVM this process starts, not by a running one.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        # Python workers (plm.export.spark's mapInArrow) run this interpreter, which has PLM,
+        # not whatever `python3` is first on PATH (PySpark's default; a user's setting wins).
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.master(spark_cfg.master).appName(spark_cfg.app_name)
     for k, v in session_conf(spark_cfg).items():
         builder = builder.config(k, v)

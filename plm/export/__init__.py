@@ -4,6 +4,8 @@ ONNX / int8 models, FAISS index, and the Spark-free `UserEmbedder` for raw event
 - `run_export(cfg: ExportConfig) -> dict` (the CLI's function), `read_identity(path)`.
 - `UserEmbedder.from_files(ckpt, prepared_dir)`: raw events of a few users -> embeddings,
   identical to the batch path (`plm.export.service`).
+- `plm.export.spark.embed_raw_spark(sources, ckpt, prepared_dir, cutoff)`: raw contract
+  DataFrames -> an embeddings DataFrame computed on a Spark cluster's executors (same vectors).
 - building blocks: `load_checkpoint`, `Embedder`, `quantize_int8`, `export_onnx` (`plm.export.model`).
 
 Attributes are imported on first use, so `plm.export.config` (read by every CLI) stays light.

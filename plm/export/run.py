@@ -188,7 +188,8 @@ def training_max_len(loaded: LoadedModel, manifest: dict) -> int:
     return loaded.max_len or int(manifest["config"]["max_events"])
 
 
-def model_identity(loaded: LoadedModel, tok_sha: str, cutoff: str, embedder: Embedder, cfg: ExportConfig) -> dict:
+def model_identity(loaded: LoadedModel, tok_sha: str, cutoff: str, embedder: Embedder, *, normalize: bool,
+                   quantize: str) -> dict:
     from plm import __version__
 
     name = loaded.model_config.get("name", "custom")
@@ -202,8 +203,8 @@ def model_identity(loaded: LoadedModel, tok_sha: str, cutoff: str, embedder: Emb
         "pooling": embedder.pooling,
         "as_of": cutoff,
         "dim": embedder.dim,
-        "normalized": bool(cfg.normalize),
-        "quantize": cfg.quantize,
+        "normalized": bool(normalize),
+        "quantize": quantize,
         "plm_version": __version__,
     }
 
@@ -356,7 +357,8 @@ def run_export(cfg: ExportConfig) -> dict:
     dm, manifest, max_len = open_data(cfg, loaded)
     embedder = Embedder(loaded.model, cfg.pooling, as_of_us=iso_us(manifest["cutoff"]), as_of_query=loaded.as_of_query)
     check_tokenizer(loaded, dm.tokenizer_sha256, f"data={cfg.data}")
-    identity = model_identity(loaded, dm.tokenizer_sha256, manifest["cutoff"], embedder, cfg)
+    identity = model_identity(loaded, dm.tokenizer_sha256, manifest["cutoff"], embedder, normalize=cfg.normalize,
+                              quantize=cfg.quantize)
     if cfg.format == "onnx":  # the graph ships with a copy of the tokenizer
         return _run_onnx(cfg, loaded, dm, embedder, identity, max_len)
     return _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len)

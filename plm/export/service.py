@@ -12,9 +12,9 @@ batches as `plm-export`: a user's vector equals the batch export's for the same 
 cut-off (tested). Invalid rows are dropped here as plm-prep quarantines them; a user with no
 valid event before the cut-off has no row, and `missing_users` says which.
 
-At scale (hundreds of millions of users) run this where the data lives: e.g. a Spark job that
-groups raw events by user and calls `embed_raw` on each Arrow batch of users (`mapInArrow`),
-broadcasting the checkpoint and tokenizer, or `plm-export` under torchrun over prepared shards.
+At scale (hundreds of millions of users) run this where the data lives:
+`plm.export.spark.embed_raw_spark` calls `embed_raw` on the executors of a Spark job over raw
+tables (`mapInArrow`, users never split), or `plm-export` under torchrun over prepared shards.
 """
 
 from __future__ import annotations

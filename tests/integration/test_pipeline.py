@@ -102,3 +102,59 @@ def test_partial_rerun_keeps_the_earlier_stage_records(world):
         assert rec["stages"][k] == {**before[k], "earlier_run": True}
     assert "earlier_run" not in rec["stages"]["eval"]
     assert rec["preset"] == "cpu-small"  # the model in OUT is the earlier run's, not this command's preset
+
+
+def test_spark_raw_path_equals_batch_export(world, spark):
+    """embed_raw_spark (raw DataFrames, mapInArrow on local Spark, partitions cut between users
+    every few hundred rows) writes, for every user, the vector and identity plm-export wrote."""
+    from plm.export import read_identity
+    from plm.export.spark import embed_raw_spark
+
+    raw, out, _ = world
+    manifest = json.loads((out / "prepared" / "manifest.json").read_text())
+    sources = {s: spark.read.parquet(str(raw / s)) for s in ("payments", "logins", "orders")}
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "97")  # many small Arrow batches: users straddle batches and calls
+    try:
+        df = embed_raw_spark(sources, str(out / "train" / "final.pt"), str(out / "prepared"), manifest["cutoff"],
+                             partitions=3, rows_per_call=300)
+        got = df.toArrow().sort_by("user_id")
+    finally:
+        spark.conf.set(key, before)
+    batch = pq.read_table(out / "embeddings").sort_by("user_id")
+    assert got.column_names == batch.column_names
+    assert got.column("user_id").to_pylist() == batch.column("user_id").to_pylist()
+    a = np.stack(got.column("embedding").to_numpy(zero_copy_only=False))
+    b = np.stack(batch.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert got.column("n_events").to_pylist() == batch.column("n_events").to_pylist()
+    ident = read_identity(out / "embeddings")
+    for k in ("model", "model_sha256", "checkpoint", "tokenizer_sha256", "pooling"):
+        assert set(got.column(k).to_pylist()) == {ident[k]}, k
+    assert got.column("as_of").cast("int64").to_pylist()[0] == batch.column("as_of").cast("int64").to_pylist()[0]
+
+
+def test_spark_raw_path_errors_name_the_problem(world, spark):
+    """Bad input to embed_raw_spark fails on the driver, before any task, naming what is wrong."""
+    from plm.data.schema import ContractError
+    from plm.export.spark import embed_raw_spark
+
+    raw, out, _ = world
+    ckpt, prep = str(out / "train" / "final.pt"), str(out / "prepared")
+    pay = spark.read.parquet(str(raw / "payments"))
+    with pytest.raises(ContractError, match="unknown source"):
+        embed_raw_spark({"payment": pay}, ckpt, prep, "2024-06-29T00:00:00Z")
+    with pytest.raises(ContractError, match="'amount' .*payments.* is missing"):
+        embed_raw_spark({"payments": pay.drop("amount")}, ckpt, prep, "2024-06-29T00:00:00Z")
+    with pytest.raises(ContractError, match="'amount' .*has type string; expected double"):
+        embed_raw_spark({"payments": pay.withColumn("amount", pay["amount"].cast("string"))}, ckpt, prep,
+                        "2024-06-29T00:00:00Z")
+    with pytest.raises(ValueError, match="cutoff='June' is not an ISO-8601 time"):
+        embed_raw_spark({"payments": pay}, ckpt, prep, "June")
+    with pytest.raises(ValueError, match="rows_per_call=0"):
+        embed_raw_spark({"payments": pay}, ckpt, prep, "2024-06-29T00:00:00Z", rows_per_call=0)
+    with pytest.raises(ValueError, match="pooling="):
+        embed_raw_spark({"payments": pay}, ckpt, prep, "2024-06-29T00:00:00Z", pooling="median")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        embed_raw_spark({"payments": pay}, str(out / "nope.pt"), prep, "2024-06-29T00:00:00Z")

@@ -1,0 +1,269 @@
+"""Embed raw events where they live, with Spark: `embed_raw_spark`.
+
+    from plm.export.spark import embed_raw_spark
+    df = embed_raw_spark({"payments": spark.read.parquet(".../payments"),
+                          "logins": spark.read.parquet(".../logins")},
+                         ckpt="final.pt", data="prepared/", cutoff="2024-06-29T00:00:00Z")
+    df.write.parquet("embeddings/")   # user_id, embedding array<float>, n_events, identity columns
+
+For hundreds of millions of users whose raw events sit in a cluster's tables: no prepared
+shards, no collect to the driver. Each source is reduced to its contract columns, packed into a
+struct and unioned with the others, repartitioned by `user_id` (every event of a user lands in
+one partition) and sorted by `user_id` within each partition; `mapInArrow` then streams each
+partition's Arrow batches through `UserEmbedder.embed_raw`, the pure-Python twin of `plm-prep`
+(the same validation, merge order, tokens and windows) and the same model as `plm-export`,
+cutting the stream only between users, so memory per task is bounded by `rows_per_call` (plus
+the largest single user) whatever the partition's size. A user's vector equals the batch
+export's for the same events and cut-off (tested on local Spark).
+
+The checkpoint and the prepared folder's `manifest.json` + `tokenizer.json` (not its shards)
+reach the executors through `SparkContext.addFile`; each Python worker loads them once
+(`weights_only=True`, the same identity checks as `plm-export`) and uses `spark.task.cpus`
+threads. Needs PLM (with torch) on the executors, and pandas: PySpark's `mapInArrow` is built on
+`pandas_udf`, which refuses to start without it (`pip install 'plm[spark]'`; cluster images
+such as Databricks' and EMR's ship it).
+
+What the batch job sees and this cannot: two *valid* rows of different users sharing one
+`event_id` (a `conflicting_event_id` there) are two events here, since no task sees both users.
+The output has the batch parts' columns (the embedding as `list<float32>`, which the contract
+allows); Spark's Parquet writer cannot set the file's schema metadata, so the identity is in
+the columns only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from plm.data.schema import RAW_SOURCES, ContractError, check_file_schema
+from plm.data.tokenizer import iso_us
+
+OUTPUT_COLUMNS = ("user_id", "embedding", "n_events", "model", "model_sha256", "checkpoint",
+                  "tokenizer_sha256", "pooling", "as_of")
+_SRC = "__plm_source"
+_BUNDLES: dict[str, str] = {}  # bundle name -> driver path, per driver process
+_WORKER_CACHE: dict[tuple, object] = {}  # (bundle, options) -> UserEmbedder, per Python worker
+
+
+def embed_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, *,
+                    partitions: int | None = None, rows_per_call: int = 200_000, pooling: str | None = None,
+                    normalize: bool = False, quantize: str = "none", max_len: int = 0, max_tokens: int = 32768):
+    """Raw contract DataFrames -> a DataFrame of user embeddings, computed on the executors.
+
+    `sources`: {"payments"|"logins"|"orders": DataFrame} (any subset; extra columns ignored;
+    types as `plm-prep` accepts them). `ckpt`, `data`: as for `UserEmbedder.from_files` (a
+    final.pt or run folder; the prepared folder the model was trained on). `cutoff`: ISO time,
+    the as-of time of every vector (the `as_of` column): events at or after it are ignored.
+    `partitions`: shuffle partitions (default: spark.sql.shuffle.partitions). `rows_per_call`:
+    raw rows handed to the model at once per task. One row per user with at least one valid
+    event before the cut-off.
+    """
+    from pyspark.sql import functions as F
+
+    from plm.export.model import DEFAULT_POOLING
+    from plm.export.service import UserEmbedder
+
+    sources = {k: v for k, v in sources.items() if v is not None}
+    unknown = sorted(set(sources) - set(RAW_SOURCES))
+    if unknown:
+        raise ContractError(f"unknown source(s) {unknown}: the raw sources are {sorted(RAW_SOURCES)}")
+    if not sources:
+        raise ValueError("embed_raw_spark: no source DataFrame given (payments, logins or orders)")
+    if not cutoff:
+        raise ValueError("embed_raw_spark: cutoff=ISO-TIME is required (the as-of time of every vector)")
+    try:
+        iso_us(cutoff)
+    except ValueError:
+        raise ValueError(f"embed_raw_spark: cutoff={cutoff!r} is not an ISO-8601 time (e.g. 2024-06-29T00:00:00Z)") from None
+    if rows_per_call < 1:
+        raise ValueError(f"rows_per_call={rows_per_call}: must be >= 1")
+    if partitions is not None and partitions < 1:
+        raise ValueError(f"partitions={partitions}: must be >= 1")
+    for name, df in sources.items():
+        check_file_schema(name, f"{name} DataFrame", _arrow_schema(df))
+    opts = {"pooling": pooling or DEFAULT_POOLING, "normalize": bool(normalize), "quantize": quantize,
+            "max_len": int(max_len), "max_tokens": int(max_tokens)}
+    local = UserEmbedder.from_files(ckpt, data, **opts)  # the checkpoint's checks, on the driver
+    _require_pandas()
+    spark = next(iter(sources.values())).sparkSession
+    _check_workers(spark)
+    bundle = _ship(spark, local.loaded.path, data, local.tokenizer_sha256)
+    identity = _identity(local, cutoff, opts)
+
+    frames = []
+    for name, df in sources.items():
+        cols = [c.name for c in RAW_SOURCES[name]]
+        frames.append(df.select(F.col("user_id"), F.lit(name).alias(_SRC), F.struct(*cols).alias(name)))
+    union = frames[0]
+    for f in frames[1:]:
+        union = union.unionByName(f, allowMissingColumns=True)
+    n = int(partitions or spark.conf.get("spark.sql.shuffle.partitions"))
+    ordered = union.repartition(n, "user_id").sortWithinPartitions("user_id")
+
+    names = tuple(sources)
+    key = (bundle, tuple(sorted(opts.items())))
+
+    def embed(batches):
+        yield from _embed_partition(batches, key, names, cutoff, rows_per_call)
+
+    out = ordered.mapInArrow(embed, "user_id string, embedding array<float>, n_events int")
+    return out.select(
+        "user_id", "embedding", "n_events",
+        *[F.lit(identity[k]).alias(k) for k in ("model", "model_sha256", "checkpoint", "tokenizer_sha256", "pooling")],
+        F.lit(identity["as_of"]).cast("timestamp").alias("as_of"),
+    )
+
+
+# ---------------------------------------------------------------------------------- driver side
+
+
+def _require_pandas() -> None:
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "embed_raw_spark needs pandas on the driver and the executors: PySpark's mapInArrow is "
+            "built on pandas_udf, which refuses to start without it. pip install 'plm[spark]' (or pandas)"
+        ) from None
+
+
+def _check_workers(spark) -> None:
+    """One tiny task: can the executors' Python import PLM, torch, pyarrow and pandas? A clear
+    error naming that Python instead of a worker traceback in the middle of the job."""
+
+    def probe(_):  # nested, so Spark ships it by value: it runs even where PLM is missing
+        import sys
+
+        try:
+            import pandas  # noqa: F401
+            import pyarrow  # noqa: F401
+            import torch  # noqa: F401
+
+            import plm.export.service  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - reported to the driver
+            return sys.executable, f"{type(e).__name__}: {e}"
+        return sys.executable, ""
+
+    exe, err = spark.sparkContext.parallelize([0], 1).map(probe).collect()[0]
+    if err:
+        import sys
+
+        raise RuntimeError(
+            f"embed_raw_spark: the executors' Python ({exe}) cannot run PLM ({err}). Install PLM there "
+            "(pip install 'plm[spark]'), or point Spark at a Python that has it: PYSPARK_PYTHON or "
+            f"spark.pyspark.python (in local mode, this driver's Python: {sys.executable})"
+        )
+
+
+def _arrow_schema(df) -> pa.Schema:
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    fields = []
+    for f in df.schema.fields:
+        try:
+            t = to_arrow_type(f.dataType, timezone="UTC")
+        except Exception:  # noqa: BLE001 - a type Arrow cannot hold is no contract type either
+            t = pa.null()
+        fields.append(pa.field(f.name, t))
+    return pa.schema(fields)
+
+
+def _ship(spark, ckpt_path: str, data: str, tok_sha: str) -> str:
+    """A folder with the checkpoint, manifest.json and tokenizer.json, added with
+    SparkContext.addFile (once per driver and model); returns its name for SparkFiles.get."""
+    from plm.data.datamodule import read_manifest, read_tokenizer_json
+
+    manifest = read_manifest(data)
+    ck = Path(ckpt_path)
+    digest = hashlib.sha256(f"{ck.resolve()}:{ck.stat().st_mtime_ns}:{tok_sha}".encode()).hexdigest()[:16]
+    name = f"plm-embed-{digest}"
+    if name in _BUNDLES:
+        return name
+    root = Path(tempfile.mkdtemp(prefix="plm-embed-")) / name
+    root.mkdir()
+    atexit.register(shutil.rmtree, root.parent, True)
+    shutil.copyfile(ck, root / "final.pt")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    rel = (manifest.get("tokenizer") or {}).get("path", "tokenizer.json")
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(read_tokenizer_json(data, manifest))
+    spark.sparkContext.addFile(str(root), recursive=True)
+    _BUNDLES[name] = str(root)
+    return name
+
+
+def _identity(local, cutoff: str, opts: dict) -> dict:
+    from plm.export.run import model_identity
+
+    return model_identity(local.loaded, local.tokenizer_sha256, cutoff, local.embedder,
+                          normalize=opts["normalize"], quantize=opts["quantize"])
+
+
+# -------------------------------------------------------------------------------- executor side
+
+
+def _worker_embedder(key: tuple):
+    emb = _WORKER_CACHE.get(key)
+    if emb is None:
+        import torch
+        from pyspark import SparkFiles, TaskContext
+
+        from plm.export.service import UserEmbedder
+
+        ctx = TaskContext.get()
+        cpus = ctx.cpus() if ctx is not None else 1
+        torch.set_num_threads(max(1, int(cpus)))
+        folder = SparkFiles.get(key[0])
+        emb = UserEmbedder.from_files(os.path.join(folder, "final.pt"), folder, **dict(key[1]))
+        _WORKER_CACHE[key] = emb
+    return emb
+
+
+def _embed_partition(batches, key: tuple, names: tuple, cutoff: str, rows_per_call: int):
+    """Arrow batches of one partition, sorted by user_id -> embedding batches, cut between users."""
+    emb = None
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for b in batches:
+        if b.num_rows == 0:
+            continue
+        pending.append(b)
+        rows += b.num_rows
+        if rows < rows_per_call:
+            continue
+        table = pa.Table.from_batches(pending)
+        uid = table.column("user_id")
+        last = uid[-1]
+        start = pc.index(uid, last).as_py() if last.is_valid else table.num_rows
+        if start <= 0:  # one user so far: keep reading
+            continue
+        emb = emb or _worker_embedder(key)
+        yield from _embed_rows(emb, table.slice(0, start), names, cutoff)
+        tail = table.slice(start)
+        pending, rows = tail.to_batches(), tail.num_rows
+    if rows:
+        emb = emb or _worker_embedder(key)
+        yield from _embed_rows(emb, pa.Table.from_batches(pending), names, cutoff)
+
+
+def _embed_rows(emb, table: pa.Table, names: tuple, cutoff: str):
+    src = table.column(_SRC)
+    tables = {}
+    for name in names:
+        part = table.filter(pc.equal(src, name))
+        if part.num_rows:
+            tables[name] = pa.Table.from_struct_array(part.column(name))
+    if not tables:
+        return
+    out = emb.embed_raw(tables, cutoff=cutoff)
+    vec = out.column("embedding").cast(pa.list_(pa.float32()))
+    yield from pa.table({"user_id": out.column("user_id"), "embedding": vec,
+                         "n_events": out.column("n_events")}).to_batches()
