@@ -1,7 +1,8 @@
 """`plm-export ckpt=RUN/final.pt data=PREPARED out=PATH [key=value ...]`: user embeddings
 (Parquet per spec/outputs.md), or `format=onnx` for the encoder as an ONNX graph. See
 `plm.export.run` and the README. Multi-process: `torchrun --nproc_per_node=N -m plm.cli.export ...
-trainer=ddp` (one Parquet part per rank)."""
+trainer=ddp` (one Parquet part per rank). Raw tables on a Spark cluster: `raw=DIR` (with
+`spark.master=...`; plm.export.spark)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def main(cfg) -> None:
     from plm.export.run import run_export
 
     with cli_errors("plm-export"):
-        check_trainer_overrides(list(HydraConfig.get().overrides.task))
+        check_trainer_overrides(list(HydraConfig.get().overrides.task), raw=bool(cfg.raw))
         rec = run_export(cfg)
     if "rank" in rec:  # not rank 0
         return

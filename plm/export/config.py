@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from plm.config import SparkConfig
 from plm.train.config import TrainerConfig
 
 FORMATS = ("parquet", "onnx")
@@ -42,6 +43,15 @@ class ExportConfig:
     agreement_users: int = 512  # users (first batches) compared with the fp32 model
     opset: int = 23  # ONNX opset, >= 18; 23+: one fused Attention node per block (ONNX Runtime >= 1.23)
     progress: bool = True  # progress bar
+    # raw=DIR: embed the raw tables of DIR ({payments,logins,orders}/*.parquet, any Hadoop-FS URI)
+    # with Spark (plm.export.spark.embed_raw_spark) instead of data='s shards; `data` still gives
+    # the tokenizer and window settings. Only with raw: cutoff (default: data's cut-off),
+    # partitions, rows_per_call, spark.* (as plm-prep's: master, conf, log_level).
+    raw: str = ""
+    cutoff: str = ""
+    partitions: int = 0  # partitions by user_id; 0 = sized by Spark's adaptive execution
+    rows_per_call: int = 200_000  # raw rows handed to the model at once per Spark task
+    spark: SparkConfig = field(default_factory=lambda: SparkConfig(app_name="plm-export"))
     # The hardware keys of plm-train's trainer group (trainer=cpu|gpu|ddp|...): accelerator, devices,
     # num_nodes, strategy (auto | ddp), precision, process_group_backend, num_threads,
     # enable_progress_bar, and compile (torch.compile the embedder, fp32 or int8: a one-off
@@ -54,12 +64,16 @@ class ExportConfig:
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
-def check_trainer_overrides(overrides: list[str]) -> None:
+def check_trainer_overrides(overrides: list[str], raw: bool = False) -> None:
     """Command-line overrides (`trainer.max_steps=5`, `+trainer.x=1`, `~trainer.y`) that set a
-    training-only key of the trainer group: a ValueError naming them (export would ignore them)."""
+    training-only key of the trainer group: a ValueError naming them (export would ignore them).
+    With raw=DIR Spark runs the model, so every trainer key is refused."""
     bad = []
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
+        if raw and (key == "trainer" or key.startswith("trainer.")):
+            raise ValueError(f"{key}: with raw=DIR Spark runs the model on its executors (spark.master, "
+                             "spark.conf, spark.task.cpus threads per task); the trainer group has no role")
         if key.startswith("trainer.") and key.split(".")[1] not in EXPORT_TRAINER_KEYS:
             bad.append(key)
     if bad:

@@ -119,7 +119,41 @@ def read_identity(path: str | Path) -> dict:
 # ------------------------------------------------------------------------------ checks, setup
 
 
+def check_raw_config(cfg: ExportConfig) -> None:
+    """raw=DIR (Spark over raw tables) against the options it has no use for, and the raw-only
+    options without raw=: a ValueError naming them (none is accepted and ignored)."""
+    if not cfg.raw:
+        given = [k for k in ("cutoff", "partitions", "rows_per_call") if getattr(cfg, k) != getattr(ExportConfig, k)]
+        if cfg.spark != ExportConfig().spark:
+            given.append("spark")
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of raw=DIR (embedding raw tables with Spark); "
+                             "without raw= plm-export reads data='s prepared shards")
+        return
+    if cfg.format != "parquet":
+        raise ValueError("raw=DIR writes embeddings (format=parquet); export the ONNX graph from data= alone")
+    if cfg.index != "none":
+        raise ValueError("index= is built by the one-process export; with raw= build it from the written Parquet")
+    if cfg.splits != ExportConfig.splits:
+        raise ValueError(f"splits={cfg.splits}: raw= embeds every user of the raw tables (they have no splits)")
+    if cfg.read_rows != ExportConfig.read_rows or cfg.row_group_size != ExportConfig.row_group_size:
+        raise ValueError("read_rows / row_group_size size the reading of prepared shards and the one-process "
+                         "writer; with raw= Spark reads and writes (spark.conf)")
+    t, d = cfg.trainer, ExportConfig().trainer
+    if (t.compile, t.devices, t.num_nodes, t.strategy) != (d.compile, d.devices, d.num_nodes, d.strategy):
+        raise ValueError("trainer.compile/devices/num_nodes/strategy run the one-process or torchrun export; with "
+                         "raw= Spark spreads the work (spark.master, spark.conf) and runs eager models")
+    if cfg.partitions < 0 or cfg.rows_per_call < 1:
+        raise ValueError(f"partitions={cfg.partitions} must be >= 0 and rows_per_call={cfg.rows_per_call} >= 1")
+    if cfg.cutoff:
+        try:
+            iso_us(cfg.cutoff)
+        except ValueError:
+            raise ValueError(f"cutoff={cfg.cutoff!r} is not an ISO-8601 time (e.g. 2024-06-29T00:00:00Z)") from None
+
+
 def check_config(cfg: ExportConfig) -> None:
+    check_raw_config(cfg)
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r} is not one of {FORMATS}")
     if cfg.quantize not in QUANTIZE:
@@ -355,6 +389,8 @@ def run_export(cfg: ExportConfig) -> dict:
     _set_threads(cfg.trainer.num_threads)
     loaded = load_checkpoint(cfg.ckpt)
     dm, manifest, max_len = open_data(cfg, loaded)
+    if cfg.raw:
+        return _run_raw(cfg, loaded, dm, manifest)
     embedder = Embedder(loaded.model, cfg.pooling, as_of_us=iso_us(manifest["cutoff"]), as_of_query=loaded.as_of_query)
     check_tokenizer(loaded, dm.tokenizer_sha256, f"data={cfg.data}")
     identity = model_identity(loaded, dm.tokenizer_sha256, manifest["cutoff"], embedder, normalize=cfg.normalize,
@@ -432,6 +468,75 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
     if trainer.world_size > 1:
         trainer.strategy.barrier("plm-export-done")
     return record or {"out": str(out), "rank": rank}
+
+
+def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict:
+    """raw=DIR: the raw tables, read by Spark, embedded on its executors (embed_raw_spark),
+    written by Spark to a staging folder beside out, checked (each user once), then published."""
+    from data_prep.prep import discover_inputs, read_source, spark_session
+    from data_prep.storage import Location, finalize_spark_output
+    from plm.export.spark import embed_raw_spark
+
+    out = Location.of(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.out} exists; pass overwrite=true to replace it")
+    if out.exists() and not (out.is_empty_dir() or out.child("_export.json").exists()):
+        raise FileExistsError(f"out={cfg.out} holds other data (no _export.json of an earlier export); "
+                              "overwrite=true replaces only a plm-export folder: pick another out")
+    inputs, _ = discover_inputs(Location.of(cfg.raw))
+    present = {s: f for s, f in inputs.items() if f}
+    if not present:
+        raise ValueError(f"raw={cfg.raw}: no source has Parquet files ({'/, '.join(inputs)}/)")
+    cutoff = cfg.cutoff or manifest["cutoff"]
+    embedder = Embedder(loaded.model, cfg.pooling, as_of_us=iso_us(cutoff), as_of_query=loaded.as_of_query)
+    check_tokenizer(loaded, dm.tokenizer_sha256, f"data={cfg.data}")
+    identity = model_identity(loaded, dm.tokenizer_sha256, cutoff, embedder, normalize=cfg.normalize,
+                              quantize=cfg.quantize)
+    agreement: dict = {}
+    if cfg.quantize == "int8":  # checked like the batch export: on the prepared data's first users
+        agr = _agreement(embedder, quantize_int8(embedder), _sample_batches(dm, cfg.agreement_users))
+        agr["engine"] = torch.backends.quantized.engine
+        _check_agreement("quantize=int8", agr, cfg.min_cosine)
+        agreement = {"int8_vs_fp32": agr}
+    spark = spark_session(cfg.spark)
+    t0 = time.perf_counter()
+    sources = {s: read_source(spark, s, files) for s, files in present.items()}
+    df = embed_raw_spark(sources, cfg.ckpt, cfg.data, cutoff, partitions=cfg.partitions or None,
+                         rows_per_call=cfg.rows_per_call, pooling=cfg.pooling, normalize=cfg.normalize,
+                         quantize=cfg.quantize, max_len=cfg.max_len, max_tokens=cfg.max_tokens)
+    staging = Location.of(cfg.out.rstrip("/") + ".__staging__")
+    staging.delete()
+    df.write.parquet(staging.uri)
+    wall = time.perf_counter() - t0
+    from pyspark.sql import functions as F
+
+    written = spark.read.parquet(staging.uri)
+    row = written.agg(F.count("*").alias("rows"), F.countDistinct("user_id").alias("users"),
+                      F.sum("n_events").alias("events")).collect()[0]
+    if row["rows"] != row["users"]:
+        staging.delete()
+        raise RuntimeError(f"raw export wrote {row['rows']} rows for {row['users']} users; nothing published")
+    parts = finalize_spark_output(staging)
+    users, events = int(row["users"]), int(row["events"] or 0)
+    record = {
+        "format": EMBEDDINGS_FORMAT,
+        "config": asdict(cfg),
+        "path": "raw tables, Spark (plm.export.spark.embed_raw_spark)",
+        "inputs": {"raw": cfg.raw, "data": cfg.data, "ckpt": cfg.ckpt, "cutoff": cutoff,
+                   "spark_master": cfg.spark.master,
+                   "sources": {s: {"files": len(f), "rows": sum(x.rows for x in f)} for s, f in inputs.items()}},
+        "outputs": {"path": cfg.out, "parts": [{"path": n, "rows": r} for n, r in parts], "users": users,
+                    "events": events, "dim": identity["dim"]},
+        "identity": identity,
+        "agreement": agreement,
+        "throughput": {"seconds": round(wall, 3), "users_per_s": round(users / max(wall, 1e-9), 1),
+                       "events_per_s": round(events / max(wall, 1e-9), 1)},
+    }
+    staging.child("_export.json").write_json(record)
+    if out.exists():
+        out.delete()
+    staging.move_to(out)
+    return record
 
 
 def expected_users(manifest: dict, splits: list[str]) -> int:

@@ -62,7 +62,8 @@ def embed_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, *,
     types as `plm-prep` accepts them). `ckpt`, `data`: as for `UserEmbedder.from_files` (a
     final.pt or run folder; the prepared folder the model was trained on). `cutoff`: ISO time,
     the as-of time of every vector (the `as_of` column): events at or after it are ignored.
-    `partitions`: shuffle partitions (default: spark.sql.shuffle.partitions). `rows_per_call`:
+    `partitions`: partitions by user_id (default: sized by Spark's adaptive execution from
+    spark.sql.shuffle.partitions and spark.sql.adaptive.advisoryPartitionSizeInBytes). `rows_per_call`:
     raw rows handed to the model at once per task. One row per user with at least one valid
     event before the cut-off.
     """
@@ -105,8 +106,10 @@ def embed_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, *,
     union = frames[0]
     for f in frames[1:]:
         union = union.unionByName(f, allowMissingColumns=True)
-    n = int(partitions or spark.conf.get("spark.sql.shuffle.partitions"))
-    ordered = union.repartition(n, "user_id").sortWithinPartitions("user_id")
+    # partitions=None: Spark's adaptive execution sizes them (coalescing small ones, keeping the
+    # default parallelism); a number fixes them
+    by_user = union.repartition(int(partitions), "user_id") if partitions else union.repartition("user_id")
+    ordered = by_user.sortWithinPartitions("user_id")
 
     names = tuple(sources)
     key = (bundle, tuple(sorted(opts.items())))

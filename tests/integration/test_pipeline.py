@@ -158,3 +158,35 @@ def test_spark_raw_path_errors_name_the_problem(world, spark):
         embed_raw_spark({"payments": pay}, ckpt, prep, "2024-06-29T00:00:00Z", pooling="median")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         embed_raw_spark({"payments": pay}, str(out / "nope.pt"), prep, "2024-06-29T00:00:00Z")
+
+
+def test_plm_export_raw_mode(world, spark, tmp_path):
+    """plm-export raw=DIR: Spark reads the raw folder, embeds on its executors and writes the
+    batch export's rows (same vectors), a record, and refuses to overwrite other data; with
+    quantize=int8 the agreement with fp32 is checked first and recorded."""
+    from plm.config import SparkConfig
+    from plm.export import ExportConfig, run_export
+
+    raw, out, _ = world
+    dest = tmp_path / "raw_emb"
+    cfg = ExportConfig(ckpt=str(out / "train" / "final.pt"), data=str(out / "prepared"), out=str(dest), raw=str(raw),
+                       spark=SparkConfig(master="local[2]", app_name="plm-export", log_level="ERROR"))
+    rec = run_export(cfg)
+    batch = pq.read_table(out / "embeddings").sort_by("user_id")
+    got = pq.read_table(dest).sort_by("user_id")
+    assert got.column("user_id").to_pylist() == batch.column("user_id").to_pylist()
+    np.testing.assert_allclose(np.stack(got.column("embedding").to_numpy(zero_copy_only=False)),
+                               np.stack(batch.column("embedding").to_numpy(zero_copy_only=False)), rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in dest.glob("*.parquet")) == [p["path"] for p in rec["outputs"]["parts"]]
+    assert json.loads((dest / "_export.json").read_text())["outputs"]["users"] == batch.num_rows == rec["outputs"]["users"]
+    assert rec["inputs"]["sources"]["payments"]["rows"] == pq.read_metadata(next((raw / "payments").glob("*.parquet"))).num_rows
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        run_export(cfg)
+    cfg.overwrite, cfg.quantize = True, "int8"
+    rec = run_export(cfg)
+    assert rec["agreement"]["int8_vs_fp32"]["cosine_min"] >= 0.99
+    q = pq.read_table(dest).sort_by("user_id")
+    a = np.stack(q.column("embedding").to_numpy(zero_copy_only=False))
+    b = np.stack(got.column("embedding").to_numpy(zero_copy_only=False))
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.99 and set(q.column("model").to_pylist()) == set(got.column("model").to_pylist())

@@ -57,3 +57,34 @@ def test_calls_cut_between_users(monkeypatch, batch_rows):
 def test_empty_partition_embeds_nothing(monkeypatch):
     monkeypatch.setattr(sp, "_worker_embedder", lambda key: pytest.fail("no rows, no model"))
     assert list(sp._embed_partition(iter([]), ("k", ()), ("payments",), "2024-01-01T00:00:00Z", 10)) == []
+
+
+def test_raw_options_are_checked():
+    """raw=DIR refuses what it has no use for; its own options are refused without it."""
+    from plm.config import SparkConfig
+    from plm.export.config import ExportConfig, check_trainer_overrides
+    from plm.export.run import check_raw_config
+
+    base = {"ckpt": "c", "data": "d", "out": "o"}
+    check_raw_config(ExportConfig(**base))
+    check_raw_config(ExportConfig(**base, raw="r", cutoff="2024-06-29T00:00:00Z", partitions=8, quantize="int8"))
+    for kw, msg in [({"cutoff": "2024-06-29T00:00:00Z"}, "cutoff: options of raw=DIR"),
+                    ({"partitions": 4}, "partitions: options of raw=DIR"),
+                    ({"spark": SparkConfig(master="yarn")}, "spark: options of raw=DIR"),
+                    ({"raw": "r", "format": "onnx"}, "raw=DIR writes embeddings"),
+                    ({"raw": "r", "index": "flat"}, "index="),
+                    ({"raw": "r", "splits": "test"}, "no splits"),
+                    ({"raw": "r", "row_group_size": 10}, "read_rows / row_group_size"),
+                    ({"raw": "r", "cutoff": "June"}, "cutoff='June' is not an ISO-8601 time"),
+                    ({"raw": "r", "rows_per_call": 0}, "rows_per_call=0")]:
+        with pytest.raises(ValueError, match=msg):
+            check_raw_config(ExportConfig(**base, **kw))
+    cfg = ExportConfig(**base, raw="r")
+    cfg.trainer.compile = True
+    with pytest.raises(ValueError, match="trainer.compile"):
+        check_raw_config(cfg)
+    check_trainer_overrides(["trainer.num_threads=2"])
+    with pytest.raises(ValueError, match="trainer.num_threads: with raw=DIR"):
+        check_trainer_overrides(["trainer.num_threads=2"], raw=True)
+    with pytest.raises(ValueError, match="trainer: with raw=DIR"):
+        check_trainer_overrides(["trainer=gpu"], raw=True)
