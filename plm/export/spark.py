@@ -49,7 +49,7 @@ from plm.data.tokenizer import iso_us
 OUTPUT_COLUMNS = ("user_id", "embedding", "n_events", "model", "model_sha256", "checkpoint",
                   "tokenizer_sha256", "pooling", "as_of")
 _SRC = "__plm_source"
-_BUNDLES: dict[str, str] = {}  # bundle name -> driver path, per driver process
+_BUNDLES: dict[tuple[str, str], str] = {}  # (Spark application, bundle name) -> driver path
 _WORKER_CACHE: dict[tuple, object] = {}  # (bundle, options) -> UserEmbedder, per Python worker
 
 
@@ -188,7 +188,8 @@ def _ship(spark, ckpt_path: str, data: str, tok_sha: str) -> str:
     ck = Path(ckpt_path)
     digest = hashlib.sha256(f"{ck.resolve()}:{ck.stat().st_mtime_ns}:{tok_sha}".encode()).hexdigest()[:16]
     name = f"plm-embed-{digest}"
-    if name in _BUNDLES:
+    app = spark.sparkContext.applicationId  # a new SparkContext has none of the earlier files
+    if (app, name) in _BUNDLES:
         return name
     root = Path(tempfile.mkdtemp(prefix="plm-embed-")) / name
     root.mkdir()
@@ -199,7 +200,7 @@ def _ship(spark, ckpt_path: str, data: str, tok_sha: str) -> str:
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     (root / rel).write_bytes(read_tokenizer_json(data, manifest))
     spark.sparkContext.addFile(str(root), recursive=True)
-    _BUNDLES[name] = str(root)
+    _BUNDLES[(app, name)] = str(root)
     return name
 
 
