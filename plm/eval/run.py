@@ -197,8 +197,8 @@ def _identity(table: pa.Table, meta: dict) -> tuple[dict, list[str]]:
         else:
             per_user.append(name)
     for k, v in sorted(meta.items()):
-        if k.startswith("ARROW:") or k == "pandas":
-            continue
+        if k.startswith(("ARROW:", "org.apache.spark.")) or k == "pandas":
+            continue  # the writer's own schema records, not the model's identity
         try:
             obj = json.loads(v)
         except ValueError:

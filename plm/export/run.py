@@ -107,10 +107,14 @@ def embedding_table(user_ids: list[str], emb: np.ndarray, n_events: np.ndarray, 
 
 
 def read_identity(path: str | Path) -> dict:
-    """The identity (schema metadata) of an embeddings file or folder."""
+    """The identity (schema metadata) of an embeddings file or folder. A folder written by
+    `plm-export raw=` (Spark's writer sets no schema metadata) has it in its _export.json."""
     p = Path(path)
     f = p if p.is_file() else sorted(p.glob("part-*.parquet"))[0]
     md = pq.read_schema(f).metadata or {}
+    record = p / "_export.json"
+    if METADATA_KEY not in md and p.is_dir() and record.exists():
+        return json.loads(record.read_text())["identity"]
     if METADATA_KEY not in md:
         raise ValueError(f"{f} has no {METADATA_KEY.decode()} schema metadata: not written by plm-export")
     return json.loads(md[METADATA_KEY])
@@ -516,6 +520,9 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
     if row["rows"] != row["users"]:
         staging.delete()
         raise RuntimeError(f"raw export wrote {row['rows']} rows for {row['users']} users; nothing published")
+    if row["users"] == 0:
+        staging.delete()
+        raise ValueError(f"raw={cfg.raw}: no user has a valid event before cutoff={cutoff}; nothing published")
     parts = finalize_spark_output(staging)
     users, events = int(row["users"]), int(row["events"] or 0)
     record = {

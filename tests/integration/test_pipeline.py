@@ -165,7 +165,7 @@ def test_plm_export_raw_mode(world, spark, tmp_path):
     batch export's rows (same vectors), a record, and refuses to overwrite other data; with
     quantize=int8 the agreement with fp32 is checked first and recorded."""
     from plm.config import SparkConfig
-    from plm.export import ExportConfig, run_export
+    from plm.export import ExportConfig, read_identity, run_export
 
     raw, out, _ = world
     dest = tmp_path / "raw_emb"
@@ -179,10 +179,17 @@ def test_plm_export_raw_mode(world, spark, tmp_path):
                                np.stack(batch.column("embedding").to_numpy(zero_copy_only=False)), rtol=1e-5, atol=1e-5)
     assert sorted(p.name for p in dest.glob("*.parquet")) == [p["path"] for p in rec["outputs"]["parts"]]
     assert json.loads((dest / "_export.json").read_text())["outputs"]["users"] == batch.num_rows == rec["outputs"]["users"]
+    assert read_identity(dest) == rec["identity"]  # from _export.json: Spark's writer sets no schema metadata
+    assert {k: v for k, v in rec["identity"].items() if k != "checkpoint"} == \
+        {k: v for k, v in read_identity(out / "embeddings").items() if k != "checkpoint"}
     assert rec["inputs"]["sources"]["payments"]["rows"] == pq.read_metadata(next((raw / "payments").glob("*.parquet"))).num_rows
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_export(cfg)
-    cfg.overwrite, cfg.quantize = True, "int8"
+    cfg.overwrite, cfg.cutoff = True, "1995-01-01T00:00:00Z"
+    with pytest.raises(ValueError, match="no user has a valid event before cutoff=1995"):
+        run_export(cfg)
+    assert pq.read_table(dest).num_rows == batch.num_rows  # the earlier export is still there
+    cfg.cutoff, cfg.quantize = "", "int8"
     rec = run_export(cfg)
     assert rec["agreement"]["int8_vs_fp32"]["cosine_min"] >= 0.99
     q = pq.read_table(dest).sort_by("user_id")

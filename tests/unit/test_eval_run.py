@@ -202,7 +202,10 @@ def test_identity_from_columns_and_json_schema_metadata():
     from plm.eval.run import _identity
 
     t = pa.table({"user_id": ["a", "b"], "embedding": [[1.0], [2.0]], "n_events": [3, 5], "model": ["enc", "enc"]})
-    meta = {"plm.embeddings": json.dumps({"model": "enc", "checkpoint": "final.pt", "dim": 64}), "note": "x"}
+    meta = {"plm.embeddings": json.dumps({"model": "enc", "checkpoint": "final.pt", "dim": 64}), "note": "x",
+            # Spark's writer's own records (plm-export raw=): not the model's identity
+            "org.apache.spark.version": "4.3.0",
+            "org.apache.spark.sql.parquet.row.metadata": json.dumps({"type": "struct", "fields": []})}
     ident, per_user = _identity(t, meta)
     assert ident == {"model": "enc", "schema.plm.embeddings.checkpoint": "final.pt",
                      "schema.plm.embeddings.dim": "64", "schema.note": "x"}
