@@ -107,14 +107,10 @@ def embedding_table(user_ids: list[str], emb: np.ndarray, n_events: np.ndarray, 
 
 
 def read_identity(path: str | Path) -> dict:
-    """The identity (schema metadata) of an embeddings file or folder. A folder written by
-    `plm-export raw=` (Spark's writer sets no schema metadata) has it in its _export.json."""
+    """The identity (schema metadata) of an embeddings file or folder."""
     p = Path(path)
     f = p if p.is_file() else sorted(p.glob("part-*.parquet"))[0]
     md = pq.read_schema(f).metadata or {}
-    record = p / "_export.json"
-    if METADATA_KEY not in md and p.is_dir() and record.exists():
-        return json.loads(record.read_text())["identity"]
     if METADATA_KEY not in md:
         raise ValueError(f"{f} has no {METADATA_KEY.decode()} schema metadata: not written by plm-export")
     return json.loads(md[METADATA_KEY])
@@ -475,11 +471,12 @@ def _run_parquet(cfg, loaded, dm, manifest, embedder, identity, max_len) -> dict
 
 
 def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict:
-    """raw=DIR: the raw tables, read by Spark, embedded on its executors (embed_raw_spark),
-    written by Spark to a staging folder beside out, checked (each user once), then published."""
+    """raw=DIR: the raw tables, read by Spark, embedded on its executors, each task writing its
+    users in the batch export's schema (write_raw_spark) to a staging folder beside out; checked
+    (each user once), then published."""
     from data_prep.prep import discover_inputs, read_source, spark_session
-    from data_prep.storage import Location, finalize_spark_output
-    from plm.export.spark import embed_raw_spark
+    from data_prep.storage import Location
+    from plm.export.spark import write_raw_spark
 
     out = Location.of(cfg.out)
     if out.exists() and not cfg.overwrite:
@@ -494,8 +491,6 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
     cutoff = cfg.cutoff or manifest["cutoff"]
     embedder = Embedder(loaded.model, cfg.pooling, as_of_us=iso_us(cutoff), as_of_query=loaded.as_of_query)
     check_tokenizer(loaded, dm.tokenizer_sha256, f"data={cfg.data}")
-    identity = model_identity(loaded, dm.tokenizer_sha256, cutoff, embedder, normalize=cfg.normalize,
-                              quantize=cfg.quantize)
     agreement: dict = {}
     if cfg.quantize == "int8":  # checked like the batch export: on the prepared data's first users
         agr = _agreement(embedder, quantize_int8(embedder), _sample_batches(dm, cfg.agreement_users))
@@ -503,32 +498,39 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
         _check_agreement("quantize=int8", agr, cfg.min_cosine)
         agreement = {"int8_vs_fp32": agr}
     spark = spark_session(cfg.spark)
-    t0 = time.perf_counter()
-    sources = {s: read_source(spark, s, files) for s, files in present.items()}
-    df = embed_raw_spark(sources, cfg.ckpt, cfg.data, cutoff, partitions=cfg.partitions or None,
-                         rows_per_call=cfg.rows_per_call, pooling=cfg.pooling, normalize=cfg.normalize,
-                         quantize=cfg.quantize, max_len=cfg.max_len, max_tokens=cfg.max_tokens)
     staging = Location.of(cfg.out.rstrip("/") + ".__staging__")
     staging.delete()
-    df.write.parquet(staging.uri)
+    staging.mkdir()
+    t0 = time.perf_counter()
+    sources = {s: read_source(spark, s, files) for s, files in present.items()}
+    identity, files = write_raw_spark(sources, cfg.ckpt, cfg.data, cutoff, staging.uri,
+                                      partitions=cfg.partitions or None, rows_per_call=cfg.rows_per_call,
+                                      pooling=cfg.pooling, normalize=cfg.normalize, quantize=cfg.quantize,
+                                      max_len=cfg.max_len, max_tokens=cfg.max_tokens)
     wall = time.perf_counter() - t0
-    from pyspark.sql import functions as F
-
-    written = spark.read.parquet(staging.uri)
-    row = written.agg(F.count("*").alias("rows"), F.countDistinct("user_id").alias("users"),
-                      F.sum("n_events").alias("events")).collect()[0]
-    if row["rows"] != row["users"]:
-        staging.delete()
-        raise RuntimeError(f"raw export wrote {row['rows']} rows for {row['users']} users; nothing published")
-    if row["users"] == 0:
+    kept = {f["path"] for f in files}
+    for path in staging.list_files(".parquet", recursive=False):
+        if path not in kept:  # a failed or speculative task attempt's file
+            staging.fs.delete_file(path)
+    parts = []
+    for i, f in enumerate(files):  # in partition order: two runs give the same names
+        name = f"part-{i:05d}.parquet"
+        staging.fs.move(f["path"], staging.child(name).path)
+        parts.append((name, int(f["rows"])))
+    users, events = sum(r for _, r in parts), sum(int(f["events"]) for f in files)
+    if users == 0:
         staging.delete()
         raise ValueError(f"raw={cfg.raw}: no user has a valid event before cutoff={cutoff}; nothing published")
-    parts = finalize_spark_output(staging)
-    users, events = int(row["users"]), int(row["events"] or 0)
+    from pyspark.sql import functions as F
+
+    distinct = spark.read.parquet(staging.uri).select(F.countDistinct("user_id")).collect()[0][0]
+    if distinct != users:
+        staging.delete()
+        raise RuntimeError(f"raw export wrote {users} rows for {distinct} users; nothing published")
     record = {
         "format": EMBEDDINGS_FORMAT,
         "config": asdict(cfg),
-        "path": "raw tables, Spark (plm.export.spark.embed_raw_spark)",
+        "path": "raw tables, Spark (plm.export.spark.write_raw_spark)",
         "inputs": {"raw": cfg.raw, "data": cfg.data, "ckpt": cfg.ckpt, "cutoff": cutoff,
                    "spark_master": cfg.spark.master,
                    "sources": {s: {"files": len(f), "rows": sum(x.rows for x in f)} for s, f in inputs.items()}},

@@ -25,9 +25,10 @@ such as Databricks' and EMR's ship it).
 
 What the batch job sees and this cannot: two *valid* rows of different users sharing one
 `event_id` (a `conflicting_event_id` there) are two events here, since no task sees both users.
-The output has the batch parts' columns (the embedding as `list<float32>`, which the contract
-allows); Spark's Parquet writer cannot set the file's schema metadata, so the identity is in
-the columns only.
+`embed_raw_spark` returns the batch parts' columns (the embedding as `list<float32>`, which the
+contract allows); Spark's Parquet writer cannot set a file's schema metadata, so written by
+Spark the identity is in the columns only. `write_raw_spark` (what `plm-export raw=` calls)
+has each task write its users in the batch export's exact file schema instead.
 """
 
 from __future__ import annotations
@@ -69,6 +70,47 @@ def embed_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, *,
     """
     from pyspark.sql import functions as F
 
+    plan = _plan(sources, ckpt, data, cutoff, partitions, rows_per_call,
+                 {"pooling": pooling, "normalize": normalize, "quantize": quantize, "max_len": max_len,
+                  "max_tokens": max_tokens})
+    key, names = plan["key"], plan["names"]
+
+    def embed(batches):
+        yield from _embed_partition(batches, key, names, cutoff, rows_per_call)
+
+    identity = plan["identity"]
+    out = plan["ordered"].mapInArrow(embed, "user_id string, embedding array<float>, n_events int")
+    return out.select(
+        "user_id", "embedding", "n_events",
+        *[F.lit(identity[k]).alias(k) for k in ("model", "model_sha256", "checkpoint", "tokenizer_sha256", "pooling")],
+        F.lit(identity["as_of"]).cast("timestamp").alias("as_of"),
+    )
+
+
+def write_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, staging_uri: str, *,
+                    partitions: int | None = None, rows_per_call: int = 200_000, **opts) -> tuple[dict, list[dict]]:
+    """As `embed_raw_spark`, but each task writes its users straight into `staging_uri` (a
+    folder every executor can write, as a pyarrow filesystem URI) in the batch export's exact
+    schema (`fixed_size_list<float32>[d]`, the identity repeated in the schema metadata), which
+    Spark's Parquet writer cannot produce. Returns (identity, one dict per written file of a
+    successful task attempt: path, partition, rows, events); files of failed or speculative
+    attempts are the caller's to delete (`plm-export raw=` does)."""
+    plan = _plan(sources, ckpt, data, cutoff, partitions, rows_per_call, opts)
+    key, names, identity = plan["key"], plan["names"], plan["identity"]
+    ident_json, dim = json.dumps(identity), int(identity["dim"])
+
+    def write(batches):
+        yield from _write_partition(batches, key, names, cutoff, rows_per_call, staging_uri, ident_json, dim)
+
+    rows = plan["ordered"].mapInArrow(write, "path string, partition int, rows long, events long").collect()
+    return identity, sorted((r.asDict() for r in rows), key=lambda r: r["partition"])
+
+
+def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | None, rows_per_call: int,
+          opts: dict) -> dict:
+    """Checks on the driver, files shipped, and the user-partitioned, user-sorted union."""
+    from pyspark.sql import functions as F
+
     from plm.export.model import DEFAULT_POOLING
     from plm.export.service import UserEmbedder
 
@@ -90,14 +132,14 @@ def embed_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, *,
         raise ValueError(f"partitions={partitions}: must be >= 1")
     for name, df in sources.items():
         check_file_schema(name, f"{name} DataFrame", _arrow_schema(df))
-    opts = {"pooling": pooling or DEFAULT_POOLING, "normalize": bool(normalize), "quantize": quantize,
-            "max_len": int(max_len), "max_tokens": int(max_tokens)}
+    opts = {"pooling": opts.get("pooling") or DEFAULT_POOLING, "normalize": bool(opts.get("normalize", False)),
+            "quantize": opts.get("quantize", "none"), "max_len": int(opts.get("max_len", 0)),
+            "max_tokens": int(opts.get("max_tokens", 32768))}
     local = UserEmbedder.from_files(ckpt, data, **opts)  # the checkpoint's checks, on the driver
     _require_pandas()
     spark = next(iter(sources.values())).sparkSession
     _check_workers(spark)
     bundle = _ship(spark, local.loaded.path, data, local.tokenizer_sha256)
-    identity = _identity(local, cutoff, opts)
 
     frames = []
     for name, df in sources.items():
@@ -109,20 +151,8 @@ def embed_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, *,
     # partitions=None: Spark's adaptive execution sizes them (coalescing small ones, keeping the
     # default parallelism); a number fixes them
     by_user = union.repartition(int(partitions), "user_id") if partitions else union.repartition("user_id")
-    ordered = by_user.sortWithinPartitions("user_id")
-
-    names = tuple(sources)
-    key = (bundle, tuple(sorted(opts.items())))
-
-    def embed(batches):
-        yield from _embed_partition(batches, key, names, cutoff, rows_per_call)
-
-    out = ordered.mapInArrow(embed, "user_id string, embedding array<float>, n_events int")
-    return out.select(
-        "user_id", "embedding", "n_events",
-        *[F.lit(identity[k]).alias(k) for k in ("model", "model_sha256", "checkpoint", "tokenizer_sha256", "pooling")],
-        F.lit(identity["as_of"]).cast("timestamp").alias("as_of"),
-    )
+    return {"ordered": by_user.sortWithinPartitions("user_id"), "names": tuple(sources),
+            "key": (bundle, tuple(sorted(opts.items()))), "identity": _identity(local, cutoff, opts)}
 
 
 # ---------------------------------------------------------------------------------- driver side
@@ -231,8 +261,9 @@ def _worker_embedder(key: tuple):
     return emb
 
 
-def _embed_partition(batches, key: tuple, names: tuple, cutoff: str, rows_per_call: int):
-    """Arrow batches of one partition, sorted by user_id -> embedding batches, cut between users."""
+def _embedded_tables(batches, key: tuple, names: tuple, cutoff: str, rows_per_call: int):
+    """Arrow batches of one partition, sorted by user_id -> embed_raw tables (user_id, embedding
+    fixed_size_list, n_events), one per call of about rows_per_call rows, cut between users."""
     emb = None
     pending: list[pa.RecordBatch] = []
     rows = 0
@@ -250,15 +281,65 @@ def _embed_partition(batches, key: tuple, names: tuple, cutoff: str, rows_per_ca
         if start <= 0:  # one user so far: keep reading
             continue
         emb = emb or _worker_embedder(key)
-        yield from _embed_rows(emb, table.slice(0, start), names, cutoff)
+        out = _embed_rows(emb, table.slice(0, start), names, cutoff)
+        if out is not None:
+            yield out
         tail = table.slice(start)
         pending, rows = tail.to_batches(), tail.num_rows
     if rows:
         emb = emb or _worker_embedder(key)
-        yield from _embed_rows(emb, pa.Table.from_batches(pending), names, cutoff)
+        out = _embed_rows(emb, pa.Table.from_batches(pending), names, cutoff)
+        if out is not None:
+            yield out
 
 
-def _embed_rows(emb, table: pa.Table, names: tuple, cutoff: str):
+def _embed_partition(batches, key: tuple, names: tuple, cutoff: str, rows_per_call: int):
+    """The embedded tables as Arrow batches of Spark's `array<float>` (list<float32>)."""
+    for out in _embedded_tables(batches, key, names, cutoff, rows_per_call):
+        vec = out.column("embedding").cast(pa.list_(pa.float32()))
+        yield from pa.table({"user_id": out.column("user_id"), "embedding": vec,
+                             "n_events": out.column("n_events")}).to_batches()
+
+
+def _write_partition(batches, key: tuple, names: tuple, cutoff: str, rows_per_call: int, staging_uri: str,
+                     ident_json: str, dim: int):
+    """The embedded tables written by this task attempt into one Parquet file of the batch
+    export's schema; yields one row (path, partition, rows, events) if it wrote any user."""
+    import pyarrow.parquet as pq
+    from pyspark import TaskContext
+
+    from data_prep.storage import Location
+    from plm.export.run import embedding_schema, embedding_table
+
+    ctx = TaskContext.get()
+    part, attempt = (ctx.partitionId(), ctx.taskAttemptId()) if ctx is not None else (0, 0)
+    identity = json.loads(ident_json)
+    schema = embedding_schema(dim, identity)
+    loc = Location.of(staging_uri).child(f"attempt-{part:05d}-{attempt}.parquet")
+    stream = writer = None
+    rows = events = 0
+    try:
+        for out in _embedded_tables(batches, key, names, cutoff, rows_per_call):
+            if writer is None:
+                stream = loc.fs.open_output_stream(loc.path)
+                writer = pq.ParquetWriter(stream, schema)
+            flat = out.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            n = out.column("n_events").to_numpy()
+            writer.write_table(embedding_table(out.column("user_id").to_pylist(), flat.reshape(-1, dim), n,
+                                               identity, schema))
+            rows += out.num_rows
+            events += int(n.sum())
+    finally:
+        if writer is not None:
+            writer.close()
+        if stream is not None:
+            stream.close()
+    if rows:
+        yield pa.RecordBatch.from_pydict({"path": [loc.path], "partition": pa.array([part], pa.int32()),
+                                          "rows": pa.array([rows], pa.int64()), "events": pa.array([events], pa.int64())})
+
+
+def _embed_rows(emb, table: pa.Table, names: tuple, cutoff: str) -> pa.Table | None:
     src = table.column(_SRC)
     tables = {}
     for name in names:
@@ -266,8 +347,6 @@ def _embed_rows(emb, table: pa.Table, names: tuple, cutoff: str):
         if part.num_rows:
             tables[name] = pa.Table.from_struct_array(part.column(name))
     if not tables:
-        return
+        return None
     out = emb.embed_raw(tables, cutoff=cutoff)
-    vec = out.column("embedding").cast(pa.list_(pa.float32()))
-    yield from pa.table({"user_id": out.column("user_id"), "embedding": vec,
-                         "n_events": out.column("n_events")}).to_batches()
+    return out if out.num_rows else None

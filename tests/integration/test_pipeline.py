@@ -179,7 +179,8 @@ def test_plm_export_raw_mode(world, spark, tmp_path):
                                np.stack(batch.column("embedding").to_numpy(zero_copy_only=False)), rtol=1e-5, atol=1e-5)
     assert sorted(p.name for p in dest.glob("*.parquet")) == [p["path"] for p in rec["outputs"]["parts"]]
     assert json.loads((dest / "_export.json").read_text())["outputs"]["users"] == batch.num_rows == rec["outputs"]["users"]
-    assert read_identity(dest) == rec["identity"]  # from _export.json: Spark's writer sets no schema metadata
+    assert pq.read_schema(next(dest.glob("part-*.parquet"))).equals(pq.read_schema(next((out / "embeddings").glob("part-*.parquet"))))
+    assert read_identity(dest) == rec["identity"]  # the batch export's schema, metadata included
     assert {k: v for k, v in rec["identity"].items() if k != "checkpoint"} == \
         {k: v for k, v in read_identity(out / "embeddings").items() if k != "checkpoint"}
     assert rec["inputs"]["sources"]["payments"]["rows"] == pq.read_metadata(next((raw / "payments").glob("*.parquet"))).num_rows

@@ -88,3 +88,30 @@ def test_raw_options_are_checked():
         check_trainer_overrides(["trainer.num_threads=2"], raw=True)
     with pytest.raises(ValueError, match="trainer: with raw=DIR"):
         check_trainer_overrides(["trainer=gpu"], raw=True)
+
+
+def test_write_partition_writes_the_batch_schema(monkeypatch, tmp_path):
+    """A task's file has the batch export's schema (fixed-size vectors, identity in the schema
+    metadata) and holds every user of the partition once; an empty partition writes nothing."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from plm.export.run import METADATA_KEY, embedding_schema
+
+    rec = _Recorder()
+    monkeypatch.setattr(sp, "_worker_embedder", lambda key: rec)
+    ident = {"model": "encoder:tiny", "model_sha256": "m", "checkpoint": "run/final.pt", "tokenizer_sha256": "t",
+             "pooling": "mean", "as_of": "2024-01-01T00:00:00Z", "dim": 2}
+    sizes = [3, 50, 2, 7]
+    [row] = list(sp._write_partition(_partition(sizes, 5), ("k", ()), ("payments", "logins"),
+                                     "2024-01-01T00:00:00Z", 20, str(tmp_path), json.dumps(ident), 2))
+    assert row.num_rows == 1 and row.column("rows")[0].as_py() == len(sizes)
+    t = pq.read_table(row.column("path")[0].as_py())
+    pq.write_table(embedding_schema(2, ident).empty_table(), tmp_path / "ref.parquet")  # the batch export's file schema
+    assert t.schema.equals(pq.read_schema(tmp_path / "ref.parquet"), check_metadata=True)
+    assert json.loads(t.schema.metadata[METADATA_KEY]) == ident
+    assert t.column("user_id").to_pylist() == [f"u{i:04d}" for i in range(len(sizes))]
+    assert list(sp._write_partition(iter([]), ("k", ()), ("payments",), "2024-01-01T00:00:00Z", 20,
+                                    str(tmp_path / "empty"), json.dumps(ident), 2)) == []
+    assert not (tmp_path / "empty").exists()
