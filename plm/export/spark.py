@@ -47,8 +47,6 @@ import pyarrow.compute as pc
 from plm.data.schema import RAW_SOURCES, ContractError, check_file_schema
 from plm.data.tokenizer import iso_us
 
-OUTPUT_COLUMNS = ("user_id", "embedding", "n_events", "model", "model_sha256", "checkpoint",
-                  "tokenizer_sha256", "pooling", "as_of")
 _SRC = "__plm_source"
 _BUNDLES: dict[tuple[str, str], str] = {}  # (Spark application, bundle name) -> driver path
 _WORKER_CACHE: dict[tuple, object] = {}  # (bundle, options) -> UserEmbedder, per Python worker
