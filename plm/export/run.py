@@ -489,10 +489,10 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
     if not present:
         raise ValueError(f"raw={cfg.raw}: no source has Parquet files ({'/, '.join(inputs)}/)")
     cutoff = cfg.cutoff or manifest["cutoff"]
-    embedder = Embedder(loaded.model, cfg.pooling, as_of_us=iso_us(cutoff), as_of_query=loaded.as_of_query)
     check_tokenizer(loaded, dm.tokenizer_sha256, f"data={cfg.data}")
     agreement: dict = {}
     if cfg.quantize == "int8":  # checked like the batch export: on the prepared data's first users
+        embedder = Embedder(loaded.model, cfg.pooling, as_of_us=iso_us(cutoff), as_of_query=loaded.as_of_query)
         agr = _agreement(embedder, quantize_int8(embedder), _sample_batches(dm, cfg.agreement_users))
         agr["engine"] = torch.backends.quantized.engine
         _check_agreement("quantize=int8", agr, cfg.min_cosine)
