@@ -88,6 +88,46 @@ def _invalid_number(col: Column, name: str) -> Column:
     return col.isNotNull() & (F.isnan(d) | (F.abs(d) == float("inf")) | too_low | (d > hi))
 
 
+def row_checks(source: str, ts_min: str, ts_max: str) -> list[tuple[str, Column]]:
+    """The per-row quarantine checks of `source` (every reason of `plm.data.schema.REASONS` but
+    `conflicting_event_id`, which needs the other rows), in order, on canonical columns."""
+    cols = {c.name for c in RAW_SOURCES[source]}
+    checks: list[tuple[str, Column]] = [
+        ("null_event_id", F.col("event_id").isNull()),
+        ("null_user_id", F.col("user_id").isNull()),
+        ("null_ts", F.col("ts").isNull()),
+        (
+            "ts_out_of_range",
+            (F.col("ts") < F.lit(ts_min).cast("timestamp")) | (F.col("ts") > F.lit(ts_max).cast("timestamp")),
+        ),
+    ]
+    for name in ("amount", "n_items", "mcc"):
+        if name in cols:
+            checks.append((f"{name}_invalid", _invalid_number(F.col(name), name)))
+    return checks
+
+
+def _fails_any(checks: list[tuple[str, Column]]) -> Column:
+    invalid = F.lit(False)
+    for _, cond in checks:
+        invalid = invalid | F.coalesce(cond, F.lit(False))
+    return invalid
+
+
+def valid_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame:
+    """The rows of `source` (canonical columns) that pass every `row_checks` check."""
+    return df.where(~_fails_any(row_checks(source, ts_min, ts_max)))
+
+
+def shared_event_ids(valid: DataFrame, by: tuple[str, ...] = ()) -> DataFrame:
+    """The `event_id`s that two or more users share among `valid` rows (`valid_rows`):
+    `flag_rows` quarantines all of them as `conflicting_event_id`. A job that sees one user at
+    a time (`plm.export.spark`) cannot see these and removes them first. One aggregation by
+    (*by, event_id) over `user_id`; `by` keeps several sources' ids apart in one job."""
+    per_id = valid.groupBy(*by, "event_id").agg(F.min("user_id").alias("_a"), F.max("user_id").alias("_b"))
+    return per_id.where(F.col("_a") != F.col("_b")).select(*by, "event_id")
+
+
 def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame:
     """Distinct rows of a source with `_copies`, `_status` (kept | quarantined) and `reason`.
 
@@ -109,22 +149,9 @@ def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame
     # the input is read once.
     df = df.repartition("event_id").groupBy(*cols).agg(F.count(F.lit(1)).alias("_copies"))
 
-    checks: list[tuple[str, Column]] = [
-        ("null_event_id", F.col("event_id").isNull()),
-        ("null_user_id", F.col("user_id").isNull()),
-        ("null_ts", F.col("ts").isNull()),
-        (
-            "ts_out_of_range",
-            (F.col("ts") < F.lit(ts_min).cast("timestamp")) | (F.col("ts") > F.lit(ts_max).cast("timestamp")),
-        ),
-    ]
-    for name in ("amount", "n_items", "mcc"):
-        if name in cols:
-            checks.append((f"{name}_invalid", _invalid_number(F.col(name), name)))
+    checks = row_checks(source, ts_min, ts_max)
     # distinct rows per event_id among the rows no other check quarantines
-    invalid = F.lit(False)
-    for _, cond in checks:
-        invalid = invalid | F.coalesce(cond, F.lit(False))
+    invalid = _fails_any(checks)
     n_valid = F.sum(F.when(invalid, 0).otherwise(1)).over(Window.partitionBy("event_id"))
     df = df.withColumn("_n_valid", n_valid)
     checks.append(("conflicting_event_id", F.col("event_id").isNotNull() & (F.col("_n_valid") > 1)))

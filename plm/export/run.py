@@ -503,7 +503,7 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
     staging.mkdir()
     t0 = time.perf_counter()
     sources = {s: read_source(spark, s, files) for s, files in present.items()}
-    identity, files = write_raw_spark(sources, cfg.ckpt, cfg.data, cutoff, staging.uri,
+    identity, files, shared = write_raw_spark(sources, cfg.ckpt, cfg.data, cutoff, staging.uri,
                                       partitions=cfg.partitions or None, rows_per_call=cfg.rows_per_call,
                                       pooling=cfg.pooling, normalize=cfg.normalize, quantize=cfg.quantize,
                                       max_len=cfg.max_len, max_tokens=cfg.max_tokens)
@@ -533,7 +533,8 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
         "path": "raw tables, Spark (plm.export.spark.write_raw_spark)",
         "inputs": {"raw": cfg.raw, "data": cfg.data, "ckpt": cfg.ckpt, "cutoff": cutoff,
                    "spark_master": cfg.spark.master,
-                   "sources": {s: {"files": len(f), "rows": sum(x.rows for x in f)} for s, f in inputs.items()}},
+                   "sources": {s: {"files": len(f), "rows": sum(x.rows for x in f),
+                                   "shared_event_ids_left_out": shared.get(s, 0)} for s, f in inputs.items()}},
         "outputs": {"path": cfg.out, "parts": [{"path": n, "rows": r} for n, r in parts], "users": users,
                     "events": events, "dim": identity["dim"]},
         "identity": identity,

@@ -23,8 +23,10 @@ threads. Needs PLM (with torch) on the executors, and pandas: PySpark's `mapInAr
 `pandas_udf`, which refuses to start without it (`pip install 'plm[spark]'`; cluster images
 such as Databricks' and EMR's ship it).
 
-What the batch job sees and this cannot: two *valid* rows of different users sharing one
-`event_id` (a `conflicting_event_id` there) are two events here, since no task sees both users.
+No task sees two users, so before the embedding job one aggregation per source finds the
+`event_id`s that valid rows of different users share, which the batch job quarantines as
+`conflicting_event_id`, and leaves those rows out (a warning gives the count); conflicts within
+one user are found by the tasks, as by the batch job.
 `embed_raw_spark` returns the batch parts' columns (the embedding as `list<float32>`, which the
 contract allows); Spark's Parquet writer cannot set a file's schema metadata, so written by
 Spark the identity is in the columns only. `write_raw_spark` (what `plm-export raw=` calls)
@@ -36,6 +38,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -47,6 +50,7 @@ import pyarrow.compute as pc
 from plm.data.schema import RAW_SOURCES, ContractError, check_file_schema
 from plm.data.tokenizer import iso_us
 
+_log = logging.getLogger("plm.export")
 _SRC = "__plm_source"
 _BUNDLES: dict[tuple[str, str], str] = {}  # (Spark application, bundle name) -> driver path
 _WORKER_CACHE: dict[tuple, object] = {}  # (bundle, options) -> UserEmbedder, per Python worker
@@ -90,9 +94,10 @@ def write_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, staging_ur
     """As `embed_raw_spark`, but each task writes its users straight into `staging_uri` (a
     folder every executor can write, as a pyarrow filesystem URI) in the batch export's exact
     schema (`fixed_size_list<float32>[d]`, the identity repeated in the schema metadata), which
-    Spark's Parquet writer cannot produce. Returns (identity, one dict per written file of a
-    successful task attempt: path, partition, rows, events); files of failed or speculative
-    attempts are the caller's to delete (`plm-export raw=` does)."""
+    Spark's Parquet writer cannot produce. Returns (identity, files, shared): `files`, one dict
+    per written file of a successful task attempt (path, partition, rows, events); `shared`,
+    {source: how many event_ids valid rows of two users shared (their rows left out)}. Files of
+    failed or speculative attempts are the caller's to delete (`plm-export raw=` does)."""
     plan = _plan(sources, ckpt, data, cutoff, partitions, rows_per_call, opts)
     key, names, identity = plan["key"], plan["names"], plan["identity"]
     ident_json, dim = json.dumps(identity), int(identity["dim"])
@@ -101,7 +106,7 @@ def write_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, staging_ur
         yield from _write_partition(batches, key, names, cutoff, rows_per_call, staging_uri, ident_json, dim)
 
     rows = plan["ordered"].mapInArrow(write, "path string, partition int, rows long, events long").collect()
-    return identity, sorted((r.asDict() for r in rows), key=lambda r: r["partition"])
+    return identity, sorted((r.asDict() for r in rows), key=lambda r: r["partition"]), plan["shared_event_ids"]
 
 
 def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | None, rows_per_call: int,
@@ -139,8 +144,11 @@ def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | No
     _check_workers(spark)
     bundle = _ship(spark, local.loaded.path, data, local.tokenizer_sha256)
 
+    shared = _shared_ids(sources, local.ts_min, cutoff)
     frames = []
     for name, df in sources.items():
+        if shared[name][0] is not None:
+            df = df.join(shared[name][0], "event_id", "left_anti")
         cols = [c.name for c in RAW_SOURCES[name]]
         frames.append(df.select(F.col("user_id"), F.lit(name).alias(_SRC), F.struct(*cols).alias(name)))
     union = frames[0]
@@ -150,7 +158,46 @@ def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | No
     # default parallelism); a number fixes them
     by_user = union.repartition(int(partitions), "user_id") if partitions else union.repartition("user_id")
     return {"ordered": by_user.sortWithinPartitions("user_id"), "names": tuple(sources),
-            "key": (bundle, tuple(sorted(opts.items()))), "identity": _identity(local, cutoff, opts)}
+            "key": (bundle, tuple(sorted(opts.items()))), "identity": _identity(local, cutoff, opts),
+            "shared_event_ids": {name: n for name, (_, n) in shared.items()}}
+
+
+# event_ids shared between users: collected and broadcast to the anti-join up to this many
+_COLLECT_IDS = 1_000_000
+
+
+def _shared_ids(sources: dict, ts_min: str, cutoff: str) -> dict:
+    """{source: (DataFrame of the event_ids that valid rows of two or more users share, or None;
+    how many)}. The batch job quarantines all such rows as `conflicting_event_id`; no task here
+    sees both users, so they are left out before the embedding job. One job for every source
+    (one shuffle of two columns); conflicts within one user are the tasks' to find, as the batch
+    job's."""
+    from pyspark.sql import functions as F
+
+    from data_prep.transforms import normalize_source, shared_event_ids, valid_rows
+
+    valid = [valid_rows(normalize_source(df, name), name, ts_min, cutoff)
+             .select(F.lit(name).alias(_SRC), "event_id", "user_id") for name, df in sources.items()]
+    union = valid[0]
+    for v in valid[1:]:
+        union = union.unionByName(v)
+    ids = shared_event_ids(union, by=(_SRC,))
+    rows = ids.limit(_COLLECT_IDS + 1).collect()
+    spark = union.sparkSession
+    out = {}
+    for name in sources:
+        if len(rows) > _COLLECT_IDS:  # too many to collect: a shuffle join against the aggregation
+            mine = ids.where(F.col(_SRC) == name).select("event_id")
+            n = mine.count()
+            out[name] = (mine if n else None, n)
+        else:
+            ids_here = [r.event_id for r in rows if r[_SRC] == name]
+            table = spark.createDataFrame([(i,) for i in ids_here], "event_id string") if ids_here else None
+            out[name] = (F.broadcast(table) if table is not None else None, len(ids_here))
+        if out[name][1]:
+            _log.warning("%s: %d event_id(s) used by valid rows of different users: those rows are left out, "
+                         "as plm-prep quarantines them (conflicting_event_id)", name, out[name][1])
+    return out
 
 
 # ---------------------------------------------------------------------------------- driver side

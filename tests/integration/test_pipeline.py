@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -26,6 +27,7 @@ def world(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     r = subprocess.run([str(exe / "plm-synth"), f"out={root / 'raw'}", "users=160", "seed=7"], capture_output=True,
                        text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    _share_an_event_id(root / "raw")
     r = subprocess.run([str(exe / "plm-pipeline"), f"raw={root / 'raw'}", f"out={root / 'out'}",
                         "prep.spark.master='local[2]'", "prep.vocab.min_count=2",
                         "train_overrides=['trainer.max_steps=4','trainer.val_check_interval=0',"
@@ -34,6 +36,25 @@ def world(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
                        capture_output=True, text=True, timeout=900, env=env, cwd=root)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return root / "raw", root / "out", r
+
+
+def _share_an_event_id(raw: Path) -> None:
+    """A second logins file with one valid row that reuses another user's login event_id: plm-prep
+    quarantines both rows (conflicting_event_id), and a path that sees one user at a time must too."""
+    t = pq.read_table(next((raw / "logins").glob("*.parquet")))
+    ids = t.column("event_id").to_pylist()
+    once = {i for i, c in zip(*np.unique(np.asarray(ids, dtype=object), return_counts=True)) if c == 1}
+    ts = t.column("ts").cast("int64").to_numpy(zero_copy_only=False)
+    users = t.column("user_id").to_pylist()
+    row = next(k for k in np.argsort(ts)[len(ts) // 2:] if ids[k] in once and users[k] is not None)
+    other = next(u for u in sorted(set(users) - {None}) if u != users[row])
+    copy = t.slice(int(row), 1).to_pylist()[0]
+    copy["user_id"] = other
+    pq.write_table(pa.Table.from_pylist([copy], schema=t.schema), raw / "logins" / "zz-shared-id.parquet")
+    SHARED.update(event_id=ids[row], users=(users[row], other))
+
+
+SHARED: dict = {}  # the event_id two users' logins share (set by the world fixture)
 
 
 def test_every_stage_wrote_its_outputs(world):
@@ -70,7 +91,8 @@ def test_spark_free_raw_path_equals_batch_export(world):
     raw, out, _ = world
     manifest = json.loads((out / "prepared" / "manifest.json").read_text())
     batch = pq.read_table(out / "embeddings").sort_by("user_id")
-    some = batch.column("user_id").to_pylist()[:: max(1, batch.num_rows // 12)]
+    # a few users, not the two whose logins share an event_id (only a path that sees both finds it)
+    some = [u for u in batch.column("user_id").to_pylist()[:: max(1, batch.num_rows // 12)] if u not in SHARED["users"]]
     tables = {}
     for source in ("payments", "logins", "orders"):
         t = pq.read_table(raw / source)
@@ -184,6 +206,9 @@ def test_plm_export_raw_mode(world, spark, tmp_path):
     assert {k: v for k, v in rec["identity"].items() if k != "checkpoint"} == \
         {k: v for k, v in read_identity(out / "embeddings").items() if k != "checkpoint"}
     assert rec["inputs"]["sources"]["payments"]["rows"] == pq.read_metadata(next((raw / "payments").glob("*.parquet"))).num_rows
+    assert rec["inputs"]["sources"]["logins"]["files"] == 2
+    assert rec["inputs"]["sources"]["logins"]["shared_event_ids_left_out"] == 1
+    assert rec["inputs"]["sources"]["payments"]["shared_event_ids_left_out"] == 0
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_export(cfg)
     cfg.overwrite, cfg.cutoff = True, "1995-01-01T00:00:00Z"

@@ -273,3 +273,31 @@ def test_no_input_rows_fails_before_spark(tmp_path, prep_config):
     with pytest.raises(ValueError, match="every source is missing or empty"):
         run_prep(prep_config(raw, tmp_path / "out"), spark=None)  # would start a session if it got that far
     assert not (tmp_path / "out").exists()
+
+
+def test_shared_event_ids_are_the_cross_user_conflicts(spark, tmp_path):
+    """shared_event_ids: the ids that valid rows of two users share (flag_rows quarantines them as
+    conflicting_event_id); not conflicts within one user, not ids whose other row is invalid."""
+    from pyspark.sql import functions as F
+
+    from data_prep.transforms import flag_rows, normalize_source, shared_event_ids, valid_rows
+
+    rows = [
+        payment("a", "u1", ts(3)), payment("a", "u2", ts(3)),  # two users: shared
+        payment("b", "u1", ts(3)), payment("b", "u1", ts(3), amount=11.0),  # one user: the tasks see it
+        payment("c", "u1", ts(3)), payment("c", "u2", ts(3), amount=float("nan")),  # the other row is invalid
+        payment("d", "u1", ts(3)), payment("d", "u2", None),  # null ts: invalid
+        payment("e", "u3", ts(3)), payment("e", "u3", ts(3)),  # an exact replay
+        payment("f", "u1", ts(3)), payment("f", "u2", dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc)),
+        payment("g", "u1", ts(3)), payment("g", "u2", ts(4)), payment("g", "u3", ts(5)),  # three users
+        payment(None, "u1", ts(3)), payment(None, "u2", ts(3)),
+    ]
+    pq.write_table(source_table("payments", rows), tmp_path / "p.parquet")
+    df = normalize_source(spark.read.parquet(str(tmp_path / "p.parquet")), "payments")
+    lo, hi = "2000-01-01T00:00:00Z", "2100-01-01T00:00:00Z"
+    got = sorted(r.event_id for r in shared_event_ids(valid_rows(df, "payments", lo, hi)).collect())
+    assert got == ["a", "g"]
+    flagged = flag_rows(df, "payments", lo, hi).where("reason = 'conflicting_event_id'")
+    cross = {r.event_id for r in flagged.groupBy("event_id").agg(F.countDistinct("user_id").alias("n")).collect()
+             if r.n > 1}
+    assert cross == set(got)  # the same ids the batch job quarantines across users
