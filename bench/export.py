@@ -7,7 +7,8 @@ and ONNX Runtime (fp32 and int8), on the same batches of real prepared users, in
 Models: the given checkpoint, plus (`--sizes`, default `small`) untrained encoders of the named
 sizes built on the same tokenizer, because int8 pays off with width: the demo's `tiny` model
 (d=64) spends most of its time outside matrix products. Every variant embeds the same batches
-(the predict loader's bucketed batches of the first `--users` users, `--max-len` events each)
+(the predict loader's bucketed batches of the first `--users` users, `--max-len` events each,
+`--max-tokens` padded events per batch: by default plm-export's CPU budget for the model's width)
 after one warm-up pass and one untimed round; the time is the best of `--repeats` passes, the
 variants timed in turn within each round (a slow spell of the machine hits all of them, not one). Agreement is the cosine
 similarity between each variant's and the fp32 model's vector for every user (min and mean).
@@ -46,6 +47,7 @@ from plm.export.model import (
     quantize_int8,
     quantize_onnx_int8,
 )
+from plm.export.run import auto_max_tokens
 from plm.model import PLMEncoder, load_model_config
 
 
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="small", help="comma-separated untrained model sizes to add ('' = none)")
     ap.add_argument("--users", type=int, default=1024)
     ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--max-tokens", type=int, default=0,
+                    help="padded events per batch; 0 = plm-export's CPU default for each model (auto_max_tokens)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (each compiles for ~10-60 s)")
@@ -151,18 +154,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench/export.py: {a.data} is not a prepared folder; run `make demo` first or pass --data")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    batches = batches_of(a.data, a.users, a.max_len, a.max_tokens)
+    def batches_for(model) -> list[dict]:
+        return batches_of(a.data, a.users, a.max_len, a.max_tokens or auto_max_tokens(model.cfg.d_model, a.max_len))
+
     dm = PLMDataModule(a.data)
     vocab, numeric = dm.vocab_sizes, list(dm.numeric_fields)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         if a.ckpt:
             loaded = load_checkpoint(a.ckpt)
-            results += bench_model("checkpoint", loaded.model, loaded.vocab_sizes, loaded.numeric_fields, batches,
+            results += bench_model("checkpoint", loaded.model, loaded.vocab_sizes, loaded.numeric_fields, batches_for(loaded.model),
                                    a.repeats, a.threads, Path(tmp), not a.no_compile)
         for size in [s for s in a.sizes.split(",") if s]:
             model = PLMEncoder(load_model_config(size), vocab, numeric).eval()
-            results += bench_model(size, model, vocab, numeric, batches, a.repeats, a.threads, Path(tmp), not a.no_compile)
+            results += bench_model(size, model, vocab, numeric, batches_for(model), a.repeats, a.threads, Path(tmp),
+                                   not a.no_compile)
     print()
     for r in results:
         print(json.dumps(r))

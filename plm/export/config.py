@@ -35,7 +35,9 @@ class ExportConfig:
     normalize: bool = False  # L2-normalise every embedding (cosine = dot product)
     splits: str = "train,val,test"  # users of these splits (each user is in exactly one split)
     max_len: int = 0  # most recent events per user; 0 = the length the model was trained on
-    max_tokens: int = 32768  # padded events per batch (B x T), bounds memory
+    # padded events per batch (B x T), bounds memory; 0 = sized for the device (auto_max_tokens:
+    # 32768 on a GPU; on CPU ~2^18 / d_model, 4096 for d=64, which keeps a layer in cache)
+    max_tokens: int = 0
     read_rows: int = 1024  # rows per Arrow record batch when reading shards
     row_group_size: int = 8192  # embeddings per Parquet row group (rows buffered before a write)
     index: str = "none"  # none | flat (exact cosine) | hnsw: a FAISS index beside the Parquet (faiss-cpu)

@@ -44,15 +44,17 @@ class UserEmbedder:
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, max_events: int, stride: int,
                  ts_min: str = "1990-01-01T00:00:00Z", max_len: int = 0, pooling: str = DEFAULT_POOLING,
-                 normalize: bool = False, quantize: str = "none", max_tokens: int = 32768):
-        from plm.export.run import check_vocab
+                 normalize: bool = False, quantize: str = "none", max_tokens: int = 0):
+        from plm.export.run import auto_max_tokens, check_vocab
 
         check_vocab(loaded, tokenizer.vocab_sizes(), "the given tokenizer")
         self.loaded = loaded
         self.tokenizer = tokenizer
         self.max_events, self.stride, self.ts_min = int(max_events), int(stride), ts_min
         self.max_len = int(max_len or max_events)
-        self.max_tokens = max(int(max_tokens), self.max_len)
+        # 0: sized for CPU caches, as plm-export's default (auto_max_tokens)
+        self.max_tokens = max(int(max_tokens), self.max_len) if max_tokens else \
+            auto_max_tokens(loaded.model.cfg.d_model, self.max_len)
         self.normalize = normalize
         self.embedder = Embedder(loaded.model, pooling, as_of_query=loaded.as_of_query)
         if quantize == "int8":

@@ -58,7 +58,7 @@ _WORKER_CACHE: dict[tuple, object] = {}  # (bundle, options) -> UserEmbedder, pe
 
 def embed_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, *,
                     partitions: int | None = None, rows_per_call: int = 200_000, pooling: str | None = None,
-                    normalize: bool = False, quantize: str = "none", max_len: int = 0, max_tokens: int = 32768):
+                    normalize: bool = False, quantize: str = "none", max_len: int = 0, max_tokens: int = 0):
     """Raw contract DataFrames -> a DataFrame of user embeddings, computed on the executors.
 
     `sources`: {"payments"|"logins"|"orders": DataFrame} (any subset; extra columns ignored;
@@ -137,7 +137,7 @@ def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | No
         check_file_schema(name, f"{name} DataFrame", _arrow_schema(df))
     opts = {"pooling": opts.get("pooling") or DEFAULT_POOLING, "normalize": bool(opts.get("normalize", False)),
             "quantize": opts.get("quantize", "none"), "max_len": int(opts.get("max_len", 0)),
-            "max_tokens": int(opts.get("max_tokens", 32768))}
+            "max_tokens": int(opts.get("max_tokens", 0))}
     local = UserEmbedder.from_files(ckpt, data, **opts)  # the checkpoint's checks, on the driver
     _require_pandas()
     spark = next(iter(sources.values())).sparkSession

@@ -78,6 +78,7 @@ def test_contract_every_user_once_with_identity(trained, tmp_path):
     assert np.isfinite(np.stack(t.column("embedding").to_numpy(zero_copy_only=False))).all()
     record = json.loads((tmp_path / "emb" / "_export.json").read_text())
     assert record["outputs"]["users"] == 47 and record["throughput"]["users_per_s"] > 0
+    assert record["inputs"]["max_tokens"] == 4096  # max_tokens=0: the CPU budget of d_model 64
     assert rec["identity"] == ident
     # deterministic: a second export writes the same bytes
     run_export(export_cfg(prep, ckpt, tmp_path / "emb2"))
@@ -348,6 +349,10 @@ def test_errors_are_clear(trained, tmp_path):
         run_export(export_cfg(prep, ckpt, tmp_path / "x", format="onnx", opset=17))
     with pytest.raises(ValueError, match="opset=20 is the ONNX graph's opset: use it with format=onnx"):
         run_export(export_cfg(prep, ckpt, tmp_path / "x", opset=20))
+    with pytest.raises(ValueError, match="max_tokens=-1 must be >= 0"):
+        run_export(export_cfg(prep, ckpt, tmp_path / "x", max_tokens=-1))
+    with pytest.raises(ValueError, match="max_tokens=8 is smaller than one sequence of max_len=16"):
+        run_export(export_cfg(prep, ckpt, tmp_path / "x", max_tokens=8))
     other = write_prepared(tmp_path / "other")
     tok = json.loads((other / "tokenizer.json").read_text())
     tok["categorical"]["merchant"] = tok["categorical"]["merchant"][:5]
@@ -422,3 +427,16 @@ def test_decoder_export_and_next_event_report(trained, tmp_path):
                         f"out={tmp_path / 'rep2'}", f"ckpt={trained[1]}", f"data={prep}"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and "next-event metrics need a decoder" in r.stderr
+
+
+def test_auto_max_tokens_sizes_cpu_batches_by_width():
+    """max_tokens=0: on CPU ~2^18 / d_model padded events (a layer's activations stay in cache),
+    never below one sequence; on a GPU 32768."""
+    from plm.export.run import auto_max_tokens
+
+    assert auto_max_tokens(64, 256) == 4096
+    assert auto_max_tokens(256, 256) == 1024
+    assert auto_max_tokens(96, 16) == 2048  # 2730 -> the nearest power of two
+    assert auto_max_tokens(1024, 512) == 512  # one sequence at least
+    assert auto_max_tokens(64, 256, gpu=True) == 32768
+    assert auto_max_tokens(64, 65536, gpu=True) == 65536
