@@ -558,7 +558,7 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
         "config": asdict(cfg),
         "path": "raw tables, Spark (plm.export.spark.write_raw_spark)",
         "inputs": {"raw": cfg.raw, "data": cfg.data, "ckpt": cfg.ckpt, "cutoff": cutoff,
-                   "spark_master": cfg.spark.master,
+                   "spark_master": cfg.spark.master, "max_tokens": dm.config.max_tokens,
                    "sources": {s: {"files": len(f), "rows": sum(x.rows for x in f),
                                    "shared_event_ids_left_out": shared.get(s, 0)} for s, f in inputs.items()}},
         "outputs": {"path": cfg.out, "parts": [{"path": n, "rows": r} for n, r in parts], "users": users,

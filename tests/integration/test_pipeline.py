@@ -207,6 +207,7 @@ def test_plm_export_raw_mode(world, spark, tmp_path):
         {k: v for k, v in read_identity(out / "embeddings").items() if k != "checkpoint"}
     assert rec["inputs"]["sources"]["payments"]["rows"] == pq.read_metadata(next((raw / "payments").glob("*.parquet"))).num_rows
     assert rec["inputs"]["sources"]["logins"]["files"] == 2
+    assert rec["inputs"]["max_tokens"] == 4096  # the CPU budget of the tiny model, as the executors use
     assert rec["inputs"]["sources"]["logins"]["shared_event_ids_left_out"] == 1
     assert rec["inputs"]["sources"]["payments"]["shared_event_ids_left_out"] == 0
     with pytest.raises(FileExistsError, match="overwrite=true"):
