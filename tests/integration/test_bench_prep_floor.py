@@ -9,7 +9,7 @@ from conftest import bench_module
 
 from data_prep.synth import SynthConfig, generate_world, write_world
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
