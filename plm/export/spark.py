@@ -184,12 +184,15 @@ def _shared_ids(sources: dict, ts_min: str, cutoff: str) -> dict:
     ids = shared_event_ids(union, by=(_SRC,))
     rows = ids.limit(_COLLECT_IDS + 1).collect()
     spark = union.sparkSession
+    many = len(rows) > _COLLECT_IDS  # too many to collect: shuffle joins against the (cached) aggregation
+    if many:
+        ids = ids.cache()
+        counts = {r[_SRC]: r["count"] for r in ids.groupBy(_SRC).count().collect()}
     out = {}
     for name in sources:
-        if len(rows) > _COLLECT_IDS:  # too many to collect: a shuffle join against the aggregation
-            mine = ids.where(F.col(_SRC) == name).select("event_id")
-            n = mine.count()
-            out[name] = (mine if n else None, n)
+        if many:
+            n = counts.get(name, 0)
+            out[name] = (ids.where(F.col(_SRC) == name).select("event_id") if n else None, n)
         else:
             ids_here = [r.event_id for r in rows if r[_SRC] == name]
             table = spark.createDataFrame([(i,) for i in ids_here], "event_id string") if ids_here else None

@@ -224,3 +224,19 @@ def test_plm_export_raw_mode(world, spark, tmp_path):
     b = np.stack(got.column("embedding").to_numpy(zero_copy_only=False))
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.99 and set(q.column("model").to_pylist()) == set(got.column("model").to_pylist())
+
+
+def test_shared_ids_found_alike_collected_or_joined(world, spark, monkeypatch):
+    """The shared-id step finds the world's one login id that two users share, whether the ids are
+    collected and broadcast (a few) or kept as a cached aggregation (beyond _COLLECT_IDS)."""
+    from plm.export import spark as S
+
+    raw, _, _ = world
+    sources = {s: spark.read.parquet(str(raw / s)) for s in ("payments", "logins", "orders")}
+    collected = S._shared_ids(sources, "1990-01-01T00:00:00Z", "2100-01-01T00:00:00Z")
+    monkeypatch.setattr(S, "_COLLECT_IDS", 0)
+    joined = S._shared_ids(sources, "1990-01-01T00:00:00Z", "2100-01-01T00:00:00Z")
+    for found in (collected, joined):
+        assert {k: n for k, (_, n) in found.items()} == {"payments": 0, "logins": 1, "orders": 0}
+        assert [r.event_id for r in found["logins"][0].collect()] == [SHARED["event_id"]]
+        assert found["payments"][0] is None and found["orders"][0] is None
