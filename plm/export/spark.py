@@ -23,8 +23,8 @@ threads. Needs PLM (with torch) on the executors, and pandas: PySpark's `mapInAr
 `pandas_udf`, which refuses to start without it (`pip install 'plm[spark]'`; cluster images
 such as Databricks' and EMR's ship it).
 
-No task sees two users, so before the embedding job one aggregation per source finds the
-`event_id`s that valid rows of different users share, which the batch job quarantines as
+No task sees two users, so before the embedding job one aggregation over all sources finds
+the `event_id`s that valid rows of different users share, which the batch job quarantines as
 `conflicting_event_id`, and leaves those rows out (a warning gives the count); conflicts within
 one user are found by the tasks, as by the batch job.
 `embed_raw_spark` returns the batch parts' columns (the embedding as `list<float32>`, which the
