@@ -52,11 +52,19 @@ def infer_kind(values: np.ndarray) -> str:
     return REGRESSION
 
 
-def make_task(name: str, values: np.ndarray) -> Task:
-    """Label values (float64 with NaN for null) -> a Task over the labelled rows."""
+def make_task(name: str, values: np.ndarray, names: list[str] | None = None) -> Task:
+    """Label values (float64 with NaN for null) -> a Task over the labelled rows.
+
+    `names`: the column held strings and `values` are indices into `names` (sorted class
+    names): a classification whatever the values, over the classes present: two or one ->
+    binary (the later name is the positive class, like 1 of 0/1), more -> multi-class."""
     values = np.asarray(values, dtype=np.float64)
     mask = np.isfinite(values)
     v = values[mask]
+    if names is not None:
+        present, y = np.unique(v.astype(np.int64), return_inverse=True)
+        kind = MULTICLASS if present.size >= 3 else BINARY
+        return Task(name, kind, y.astype(np.int64), mask, [names[i] for i in present], int((~mask).sum()))
     kind = infer_kind(v)
     if kind == REGRESSION:
         return Task(name, kind, v, mask, [], int((~mask).sum()))

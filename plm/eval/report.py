@@ -218,8 +218,10 @@ def embedding_map(E: np.ndarray, method: str, max_points: int, seed: int) -> tup
     return idx, xy
 
 
-def plot_embedding_map(path: Path, xy: np.ndarray, labels: dict[str, tuple[str, np.ndarray]], method: str) -> None:
-    """`labels`: task -> (kind, values aligned with xy rows, NaN = unlabelled)."""
+def plot_embedding_map(path: Path, xy: np.ndarray, labels: dict[str, tuple[str, np.ndarray, list | None]],
+                       method: str) -> None:
+    """`labels`: task -> (kind, values aligned with xy rows (NaN = unlabelled), class names of a
+    string label whose values index them, else None)."""
     plt = _plt()
     k = max(1, len(labels))
     cols = min(k, 3)
@@ -229,7 +231,7 @@ def plot_embedding_map(path: Path, xy: np.ndarray, labels: dict[str, tuple[str, 
         ax.axis("off")
     if not labels:
         axes[0, 0].scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.5)
-    for ax, (task, (kind, v)) in zip(axes.ravel(), labels.items()):
+    for ax, (task, (kind, v, names)) in zip(axes.ravel(), labels.items()):
         ok = np.isfinite(v)
         ax.scatter(xy[~ok, 0], xy[~ok, 1], s=3, c="lightgrey", alpha=0.4)
         if kind == REGRESSION:
@@ -241,7 +243,7 @@ def plot_embedding_map(path: Path, xy: np.ndarray, labels: dict[str, tuple[str, 
             for j, c in enumerate(classes):
                 m = ok & (v == c)
                 ax.scatter(xy[m, 0], xy[m, 1], s=5 if classes.size > 2 or j == 0 else 9, color=cmap(j % cmap.N),
-                           alpha=0.6, label=str(int(c)))
+                           alpha=0.6, label=str(names[int(c)] if names else int(c)))
             ax.legend(fontsize=7, markerscale=2, loc="best")
         ax.set_title(f"{task} ({kind})", fontsize=10)
         ax.set_xticks([])

@@ -36,6 +36,7 @@ from plm.eval import report as R
 from plm.eval.config import FEATURE_SETS, EvalConfig
 from plm.eval.probes import (
     BINARY,
+    MAX_CLASSES,
     MULTICLASS,
     PRIMARY,
     REGRESSION,
@@ -223,14 +224,33 @@ def _load_labels(path: str) -> tuple[pa.Table, np.ndarray]:
     return table, ids
 
 
-def _label_values(col: pa.ChunkedArray) -> np.ndarray | None:
-    """Numeric/bool label column -> float64 with NaN for null; None if not numeric."""
+class LabelTypeError(ValueError):
+    """A label column that no task can be made of (the message says why)."""
+
+
+def _label_values(name: str, col: pa.ChunkedArray) -> tuple[np.ndarray, list[str] | None]:
+    """A label column -> (float64 values with NaN for null, class names or None).
+
+    Numbers and booleans are the values themselves (`make_task` infers binary / multi-class /
+    regression). Strings (or dictionary-encoded strings) are class names: the values are indices
+    into the sorted distinct names, at most `MAX_CLASSES` of them. Anything else raises
+    `LabelTypeError`."""
     t = col.type
+    if pa.types.is_dictionary(t) and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)):
+        col, t = col.cast(t.value_type), t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        names = sorted(pc.unique(col.drop_null()).to_pylist())
+        if len(names) > MAX_CLASSES:
+            raise LabelTypeError(f"label column '{name}' has {len(names):,} distinct strings; a class label has "
+                                 f"at most {MAX_CLASSES} (numbers are evaluated as a regression)")
+        idx = pc.index_in(col.cast(pa.string()), value_set=pa.array(names, pa.string()))
+        return pc.fill_null(idx.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False).astype(np.float64), names
     if pa.types.is_boolean(t):
         col = col.cast(pa.int8())
     elif not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-        return None
-    return pc.fill_null(col.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+        raise LabelTypeError(f"label column '{name}' has type {t}; expected 0/1, small integers, numbers "
+                             "or class names (strings)")
+    return pc.fill_null(col.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False).astype(np.float64), None
 
 
 # -------------------------------------------------------------------------------- checking
@@ -318,20 +338,19 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
     if unknown:
         raise EvalInputError(f"labels={labels_path}: no column {unknown} (label columns: {', '.join(all_tasks)})")
     label_cols: dict[str, np.ndarray] = {}
+    label_names: dict[str, list[str] | None] = {}  # class names of a string label column
     for t in tasks:
         col = lab_table.column(t)
         if col.null_count == len(col):
             raise EvalInputError(
                 f"labels={labels_path}: label column '{t}' is entirely null; drop it or pass tasks= without it"
             )
-        v = _label_values(col)
-        if v is None:
-            msg = f"label column '{t}' has type {col.type}; expected 0/1, small integers or numbers"
+        try:
+            label_cols[t], label_names[t] = _label_values(t, col)
+        except LabelTypeError as e:
             if cfg.tasks is not None:
-                raise EvalInputError(f"labels={labels_path}: {msg}")
-            warnings.append(f"task `{t}` skipped: {msg}")
-            continue
-        label_cols[t] = v
+                raise EvalInputError(f"labels={labels_path}: {e}") from None
+            warnings.append(f"task `{t}` skipped: {e}")
     _prepare_out(out, cfg.overwrite)
 
     # ---- the join (never silent)
@@ -417,7 +436,7 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
     bar = tqdm(total=total, disable=not cfg.progress, file=sys.stderr, desc="plm-eval") if sys.stderr.isatty() \
         else _LineBar(total, cfg.progress)  # a log file or CI: one plain line per probe, no carriage returns
     for name, values in label_cols.items():
-        task = make_task(name, values[li])
+        task = make_task(name, values[li], label_names[name])
         entry: dict = {"type": task.kind, "status": "ok", "n_users": int(task.y.size), "n_null_skipped": task.n_null,
                        "primary_metric": PRIMARY[task.kind]}
         if task.kind != REGRESSION:
@@ -482,7 +501,7 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
         map_labels = {}
         for name, values in label_cols.items():
             kind = results[name]["type"]
-            map_labels[name] = (kind, values[li][idx])
+            map_labels[name] = (kind, values[li][idx], label_names[name])
         f = "figures/embedding_map.png"
         R.plot_embedding_map(out / f, xy, map_labels, cfg.map_method)
         figures["embedding_map"] = f

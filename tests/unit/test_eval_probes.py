@@ -50,6 +50,17 @@ def test_make_task_skips_nulls_and_recodes_classes():
     assert t.mask.tolist() == [True, False, True, True, True]
 
 
+def test_make_task_with_class_names_keeps_the_present_ones():
+    names = ["bronze", "gold", "silver", "zinc"]
+    t = make_task("tier", np.array([2.0, np.nan, 0.0, 2.0, 1.0]), names)  # "zinc" absent here
+    assert t.kind == MULTICLASS and t.classes == ["bronze", "gold", "silver"] and t.n_null == 1
+    assert t.y.tolist() == [2, 0, 2, 1]
+    two = make_task("churned", np.array([1.0, 1.0, 3.0]), names)  # as numbers, 1 and 3 would be a regression
+    assert two.kind == BINARY and two.classes == ["gold", "zinc"] and two.y.tolist() == [0, 0, 1]
+    one = make_task("flag", np.array([3.0, 3.0]), names)
+    assert one.kind == BINARY and one.classes == ["zinc"] and one.y.tolist() == [0, 0]
+
+
 def test_weighted_metrics_equal_sklearn_on_a_resample():
     rng = np.random.default_rng(0)
     n = 300

@@ -116,6 +116,48 @@ def test_task_with_too_few_users_is_skipped_with_a_warning(tmp_path, world, caps
     assert "**Skipped**" in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_string_labels_are_classes(tmp_path, world):
+    """A string label column is a classification over its distinct names: the same task as the
+    integer column it names (same classes in the same order, same folds, same figures); two
+    names are binary with the later one positive; more than MAX_CLASSES names are skipped (an
+    error when asked for by name); dictionary-encoded strings work too."""
+    root, w = world
+    lab = w["labels"]
+    seg = np.asarray(lab.column("segment"))
+    churn = np.asarray(lab.column("churn"))
+    seg_name = pa.array([None if i % 17 == 0 else f"s{v}" for i, v in enumerate(seg)], pa.string())
+    seg_num = pa.array([None if i % 17 == 0 else float(v) for i, v in enumerate(seg)], pa.float64())
+    labels = pa.table({
+        "user_id": lab.column("user_id"), "segment": seg_num, "seg_name": seg_name,
+        "churn": lab.column("churn"), "churned": pa.array(["yes" if c else "no" for c in churn]).dictionary_encode(),
+        "account_ref": pa.array([f"acct-{i:04d}" for i in range(lab.num_rows)]),
+    })
+    pq.write_table(labels, tmp_path / "labels.parquet")
+    rep = run_eval(cfg_for(root, tmp_path / "r", labels=str(tmp_path / "labels.parquet"), plots=True,
+                           feature_sets=["embedding_linear", "aggregates_lgbm"]))
+    t = rep["tasks"]
+    assert t["seg_name"]["type"] == "multiclass" and t["seg_name"]["classes"] == [f"s{v}" for v in sorted(set(seg))]
+    assert t["seg_name"]["n_null_skipped"] == t["segment"]["n_null_skipped"] > 0
+    assert list(t["seg_name"]["class_counts"].values()) == list(t["segment"]["class_counts"].values())
+    def values(task):  # point estimates (the bootstrap's draws differ by task)
+        return {fs: {m: r[m]["value"] for m in r if isinstance(r[m], dict) and "value" in r[m]}
+                for fs, r in t[task]["results"].items()}
+
+    assert values("seg_name") == values("segment")
+    assert t["churned"]["type"] == "binary" and t["churned"]["classes"] == ["no", "yes"]
+    assert values("churned") == values("churn")  # "yes" is the positive class, like churn=1
+    assert t["churned"]["results"]["embedding_linear"]["roc_auc"]["value"] > 0.75
+    assert "account_ref" not in t
+    assert any("`account_ref` skipped: label column 'account_ref' has 120 distinct strings" in x for x in rep["warnings"])
+    assert (tmp_path / "r" / "figures" / "embedding_map.png").stat().st_size > 0
+    with pytest.raises(EvalInputError, match="'account_ref' has 120 distinct strings; a class label has at most 50"):
+        run_eval(cfg_for(root, tmp_path / "o", labels=str(tmp_path / "labels.parquet"), tasks=["account_ref"]))
+    pq.write_table(pa.table({"user_id": lab.column("user_id"), "when": pa.array([b"x"] * lab.num_rows, pa.binary())}),
+                   tmp_path / "bin.parquet")
+    with pytest.raises(EvalInputError, match="'when' has type binary; expected 0/1, small integers, numbers or class names"):
+        run_eval(cfg_for(root, tmp_path / "o", labels=str(tmp_path / "bin.parquet"), tasks=["when"]))
+
+
 def test_extra_section_rendering():
     md = render_section("dec", {"loss": 1.5, "name": "gpt", "fields": {"mcc": {"acc": 0.5, "top": {"k5": 0.9}}, "amount": {"acc": 0.25}}})
     assert "| loss | 1.500 |" in md and "| name | gpt |" in md
