@@ -462,6 +462,9 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         acc["quarantined_rows"] = {r: acc["quarantined_rows"].get(r, 0) for r in REASONS}
         if acc["input_rows"] != acc["kept_rows"] + q_total + acc["duplicate_rows"]:
             raise RuntimeError(f"accounting does not close for {source}: {acc}")
+        if not acc["present"]:  # the inputs line named it already; the manifest holds its zeros
+            log(f"{source}: absent, nothing to prepare")
+            continue
         log(
             f"{source}: {acc['input_rows']:,} in = {acc['kept_rows']:,} kept + {q_total:,} quarantined"
             f" + {acc['duplicate_rows']:,} duplicates"

@@ -244,8 +244,13 @@ def test_missing_and_empty_sources(tmp_path, spark, prep_config, capsys):
     empty = source_table("orders", [])
     raw = write_raw(tmp_path / "raw", logins=[login(f"l{i}", f"u{i}", ts(1 + i)) for i in range(12)], orders=empty)
     m = run_prep(prep_config(raw, tmp_path / "out", val_fraction=0.0, test_fraction=0.0), spark=spark)
-    inputs = next(line for line in capsys.readouterr().out.splitlines() if "inputs:" in line)
+    printed = capsys.readouterr().out.splitlines()
+    inputs = next(line for line in printed if "inputs:" in line)
     assert "payments none (no Parquet files in payments/)" in inputs and "logins 1 files / 12 rows" in inputs
+    # the accounting lines: a missing source is said to be absent, an empty one counts its zero rows
+    assert "[plm-prep] payments: absent, nothing to prepare" in printed
+    assert "[plm-prep] orders: 0 in = 0 kept + 0 quarantined + 0 duplicates" in printed
+    assert "[plm-prep] logins: 12 in = 12 kept + 0 quarantined + 0 duplicates" in printed
     assert m["accounting"]["payments"] == {**m["accounting"]["payments"], "present": False, "input_rows": 0}
     assert m["accounting"]["orders"]["input_rows"] == 0
     assert m["splits"]["train"]["users"] == 12
