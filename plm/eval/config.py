@@ -40,7 +40,7 @@ class EvalConfig:
     embeddings against a hand-built aggregate baseline (see docs/evaluation.md)."""
 
     embeddings: str = MISSING  # Parquet file or folder of parts: user_id, embedding (+ metadata, as_of)
-    labels: str | None = None  # labels.parquet (user_id + one column per task); None: <raw>/labels.parquet
+    labels: str | None = None  # labels.parquet (user_id + one column per task: 0/1, ints, numbers or class-name strings); None: <raw>/labels.parquet
     raw: str | None = None  # raw folder (payments/ logins/ orders/) for the baseline; None: no baseline
     out: str = MISSING  # report folder (must be absent or empty unless overwrite=true)
     overwrite: bool = False  # replace the report files of an earlier run in `out`
