@@ -238,19 +238,19 @@ def _label_values(name: str, col: pa.ChunkedArray) -> tuple[np.ndarray, list[str
     t = col.type
     if pa.types.is_dictionary(t) and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)):
         col, t = col.cast(t.value_type), t.value_type
+    names = None
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         names = sorted(pc.unique(col.drop_null()).to_pylist())
         if len(names) > MAX_CLASSES:
             raise LabelTypeError(f"label column '{name}' has {len(names):,} distinct strings; a class label has "
                                  f"at most {MAX_CLASSES} (numbers are evaluated as a regression)")
-        idx = pc.index_in(col.cast(pa.string()), value_set=pa.array(names, pa.string()))
-        return pc.fill_null(idx.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False).astype(np.float64), names
-    if pa.types.is_boolean(t):
+        col = pc.index_in(col.cast(pa.string()), value_set=pa.array(names, pa.string()))
+    elif pa.types.is_boolean(t):
         col = col.cast(pa.int8())
     elif not (pa.types.is_integer(t) or pa.types.is_floating(t)):
         raise LabelTypeError(f"label column '{name}' has type {t}; expected 0/1, small integers, numbers "
                              "or class names (strings)")
-    return pc.fill_null(col.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False).astype(np.float64), None
+    return pc.fill_null(col.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False).astype(np.float64), names
 
 
 # -------------------------------------------------------------------------------- checking
