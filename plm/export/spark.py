@@ -195,7 +195,9 @@ def _shared_ids(sources: dict, ts_min: str, cutoff: str) -> dict:
             out[name] = (ids.where(F.col(_SRC) == name).select("event_id") if n else None, n)
         else:
             ids_here = [r.event_id for r in rows if r[_SRC] == name]
-            table = spark.createDataFrame([(i,) for i in ids_here], "event_id string") if ids_here else None
+            # from Arrow, as data_prep.transforms' vocabularies: the JVM reads it directly, where a
+            # list of rows (up to a million here) is pickled through a Python worker
+            table = spark.createDataFrame(pa.table({"event_id": pa.array(ids_here, pa.string())})) if ids_here else None
             out[name] = (F.broadcast(table) if table is not None else None, len(ids_here))
         if out[name][1]:
             _log.warning("%s: %d event_id(s) used by valid rows of different users: those rows are left out, "
