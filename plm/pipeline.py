@@ -118,6 +118,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     labels = Path(cfg.eval.labels) if cfg.eval.labels else raw / "labels.parquet"
     if cfg.eval.labels and "eval" in cfg.stages and not labels.exists():
         raise FileNotFoundError(f"eval.labels={cfg.eval.labels} does not exist")
+    if "eval" in cfg.stages and labels.exists():  # a bad label file fails now, not after prep and training
+        from plm.eval.run import read_labels
+
+        read_labels(str(labels), cfg.eval.tasks)
     # the training config is composed before anything is touched: a misspelt preset or override
     # fails at once, not after the Spark job (and not after overwrite=true emptied `out`)
     tcfg = (compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))

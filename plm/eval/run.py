@@ -25,6 +25,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -224,6 +225,41 @@ def _load_labels(path: str) -> tuple[pa.Table, np.ndarray]:
     return table, ids
 
 
+class Labels(NamedTuple):
+    ids: np.ndarray  # user ids, one per row
+    values: dict[str, np.ndarray]  # task -> float64 values, NaN for null
+    names: dict[str, list[str] | None]  # task -> class names of a string column, else None
+    columns: list[str]  # every label column of the file
+    skipped: list[str]  # a warning per column no task could be made of
+
+
+def read_labels(path: str, tasks: list[str] | None = None) -> Labels:
+    """The label file `path` checked and read. `tasks` None takes every column but
+    `user_id` and skips (with a warning) those no task can be made of; named `tasks` must all
+    exist and be usable. Raises EvalInputError naming what is wrong (plm-pipeline calls this
+    before its first stage, so a bad label file fails before hours of prep and training)."""
+    lab_table, lab_ids = _load_labels(path)
+    all_tasks = [c for c in lab_table.column_names if c != "user_id"]
+    names = list(tasks) if tasks is not None else all_tasks
+    unknown = [t for t in names if t not in all_tasks]
+    if unknown:
+        raise EvalInputError(f"labels={path}: no column {unknown} (label columns: {', '.join(all_tasks)})")
+    label_cols: dict[str, np.ndarray] = {}
+    label_names: dict[str, list[str] | None] = {}  # class names of a string label column
+    skipped: list[str] = []
+    for t in names:
+        col = lab_table.column(t)
+        if col.null_count == len(col):
+            raise EvalInputError(f"labels={path}: label column '{t}' is entirely null; drop it or pass tasks= without it")
+        try:
+            label_cols[t], label_names[t] = _label_values(t, col)
+        except LabelTypeError as e:
+            if tasks is not None:
+                raise EvalInputError(f"labels={path}: {e}") from None
+            skipped.append(f"task `{t}` skipped: {e}")
+    return Labels(lab_ids, label_cols, label_names, all_tasks, skipped)
+
+
 class LabelTypeError(ValueError):
     """A label column that no task can be made of (the message says why)."""
 
@@ -331,26 +367,9 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
     emb_ids = _user_ids(emb_table, cfg.embeddings, "embeddings")
     E_all = _embedding_matrix(emb_table, cfg.embeddings)
     as_of_all = _as_of_us(emb_table, cfg.embeddings)
-    lab_table, lab_ids = _load_labels(labels_path)
-    all_tasks = [c for c in lab_table.column_names if c != "user_id"]
-    tasks = list(cfg.tasks) if cfg.tasks is not None else all_tasks
-    unknown = [t for t in tasks if t not in all_tasks]
-    if unknown:
-        raise EvalInputError(f"labels={labels_path}: no column {unknown} (label columns: {', '.join(all_tasks)})")
-    label_cols: dict[str, np.ndarray] = {}
-    label_names: dict[str, list[str] | None] = {}  # class names of a string label column
-    for t in tasks:
-        col = lab_table.column(t)
-        if col.null_count == len(col):
-            raise EvalInputError(
-                f"labels={labels_path}: label column '{t}' is entirely null; drop it or pass tasks= without it"
-            )
-        try:
-            label_cols[t], label_names[t] = _label_values(t, col)
-        except LabelTypeError as e:
-            if cfg.tasks is not None:
-                raise EvalInputError(f"labels={labels_path}: {e}") from None
-            warnings.append(f"task `{t}` skipped: {e}")
+    lab = read_labels(labels_path, cfg.tasks)
+    lab_ids, label_cols, label_names, all_tasks = lab.ids, lab.values, lab.names, lab.columns
+    warnings.extend(lab.skipped)
     _prepare_out(out, cfg.overwrite)
 
     # ---- the join (never silent)

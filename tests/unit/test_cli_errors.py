@@ -125,3 +125,30 @@ def test_pipeline_refuses_stage_keys_it_sets_itself(tmp_path):
         run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), stages=["eval"],
                                     eval=EvalConfig(labels=str(tmp_path / "nope.parquet"))))
     assert not (tmp_path / "out").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_pipeline_checks_the_label_file_before_any_stage(tmp_path):
+    """A label file eval would refuse (duplicate users, a task named in eval.tasks that it lacks)
+    stops plm-pipeline before prep, not after prep, training and export."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from plm.eval.config import EvalConfig
+    from plm.eval.run import EvalInputError
+    from plm.pipeline import PipelineConfig, run_pipeline
+
+    (tmp_path / "raw").mkdir()
+    pq.write_table(pa.table({"user_id": ["a", "b", "a"], "churn": [0, 1, 1]}), tmp_path / "raw" / "labels.parquet")
+    with pytest.raises(EvalInputError, match=r"1 duplicate user_id values .*\(e.g. a\)"):
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out")))
+    pq.write_table(pa.table({"user_id": ["a", "b"], "churn": [0, 1]}), tmp_path / "raw" / "labels.parquet")
+    with pytest.raises(EvalInputError, match=r"no column \['ato'\] \(label columns: churn\)"):
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"),
+                                    eval=EvalConfig(tasks=["churn", "ato"])))
+    assert not (tmp_path / "out").exists()
+    # without the eval stage the label file is not read
+    with pytest.raises(FileExistsError):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "x").write_text("x")
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), stages=["prep"],
+                                    eval=EvalConfig(tasks=["ato"])))
