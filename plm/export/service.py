@@ -52,9 +52,11 @@ class UserEmbedder:
         self.tokenizer = tokenizer
         self.max_events, self.stride, self.ts_min = int(max_events), int(stride), ts_min
         self.max_len = int(max_len or max_events)
+        if max_tokens < 0 or 0 < max_tokens < self.max_len:  # as plm-export refuses it
+            raise ValueError(f"max_tokens={max_tokens} is smaller than one sequence of max_len={self.max_len} "
+                             "events (0 = sized for CPU caches)")
         # 0: sized for CPU caches, as plm-export's default (auto_max_tokens)
-        self.max_tokens = max(int(max_tokens), self.max_len) if max_tokens else \
-            auto_max_tokens(loaded.model.cfg.d_model, self.max_len)
+        self.max_tokens = int(max_tokens) or auto_max_tokens(loaded.model.cfg.d_model, self.max_len)
         self.normalize = normalize
         self.embedder = Embedder(loaded.model, pooling, as_of_query=loaded.as_of_query)
         if quantize == "int8":

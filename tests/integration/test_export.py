@@ -337,6 +337,10 @@ def test_spark_free_path_equals_batch_path(trained, tmp_path):
     a = np.stack(got.column("embedding").to_numpy(zero_copy_only=False))
     b = np.stack(batch.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # a batch budget below one sequence is refused, as plm-export refuses it (it was raised silently)
+    with pytest.raises(ValueError, match=r"max_tokens=8 is smaller than one sequence of max_len=\d+ events"):
+        UserEmbedder.from_files(str(ckpt), str(prep), max_tokens=8)
+    assert UserEmbedder.from_files(str(ckpt), str(prep), max_tokens=svc.max_len).max_tokens == svc.max_len
 
 
 def test_errors_are_clear(trained, tmp_path):
