@@ -147,6 +147,18 @@ class CurvesCallback(pl.Callback):
             pass
 
 
+class FinalValidation(pl.Callback):
+    """Validates at the last training step too: Lightning validates every `val_check_interval`
+    steps, so a run whose `max_steps` is not a multiple of it (a short sweep run, a smoke run)
+    ended with its last validation steps behind, or with none at all. Asking the loop to stop at
+    `max_steps` makes Lightning run its validation there (its early-stopping path); at a step
+    that validates anyway it runs once."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 def default_peak_flops(accelerator: str) -> float:
     if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
         return 312e12  # A100 bf16 dense; set trainer.peak_tflops for other hardware

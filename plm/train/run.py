@@ -8,6 +8,7 @@ Run folder layout::
     <run_dir>/final.pt            {"model": state_dict, "model_config", "vocab_sizes", "numeric_fields", "arch", "max_len",
                                    "as_of_query" (trained with objective.masked.last_prob > 0),
                                    "tokenizer_sha256" (of the training data's tokenizer.json)}
+    <run_dir>/run.json            steps, fit time, the data (path, tokenizer hash), outputs, last metrics
     <run_dir>/csv/metrics.csv     every logged metric
     <run_dir>/curves.png          training curves
     <run_dir>/wandb/              offline wandb run (sync later with `wandb sync`)
@@ -15,7 +16,9 @@ Run folder layout::
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -91,9 +94,36 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
         return Path("runs/train") / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
+_WANDB_ENV = ("WANDB_MODE", "WANDB_SILENT")
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Pre-train a model; returns {"run_dir", "last_ckpt", "final", "metrics" (last logged values),
-    "throughput" (last throughput figures)}."""
+    "throughput" (last throughput figures)}. The wandb variables it sets in the environment
+    (and Lightning's offline mode, which sets WANDB_MODE=dryrun) are undone when it returns, so
+    the next run of a sweep in the same process starts from the user's own environment."""
+    saved = {k: os.environ.get(k) for k in _WANDB_ENV}
+    try:
+        return _train(cfg)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wandb_mode(configured: str) -> str:
+    """The wandb mode a run uses: WANDB_MODE from the environment when set (it overrides
+    logger.wandb_mode, with a note; `dryrun` is wandb's old name of `offline`), else the config's."""
+    env = os.environ.get("WANDB_MODE")
+    env = "offline" if env == "dryrun" else env
+    if env and env != configured:
+        print(f"plm-train: WANDB_MODE={env} in the environment overrides logger.wandb_mode={configured}", flush=True)
+    return env or configured
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -101,7 +131,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from plm.data.datamodule import PLMDataModule, loader_warnings_off
     from plm.model.flops import flops_per_event
-    from plm.train.callbacks import CurvesCallback, ThroughputCallback, default_peak_flops, progress_callbacks
+    from plm.train.callbacks import (
+        CurvesCallback,
+        FinalValidation,
+        ThroughputCallback,
+        default_peak_flops,
+        progress_callbacks,
+    )
     from plm.train.module import PretrainModule
 
     check_config(cfg)
@@ -143,18 +179,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     csv_logger = CSVLogger(str(run_dir), name="csv", version="")
     loggers.append(csv_logger)
     wandb_logger = None
-    if cfg.logger.wandb and cfg.logger.wandb_mode != "disabled":
-        env_mode = os.environ.get("WANDB_MODE")
-        if env_mode and env_mode != cfg.logger.wandb_mode:
-            print(f"plm-train: WANDB_MODE={env_mode} in the environment overrides logger.wandb_mode={cfg.logger.wandb_mode}",
-                  flush=True)
-        os.environ.setdefault("WANDB_MODE", cfg.logger.wandb_mode)
+    mode = wandb_mode(cfg.logger.wandb_mode) if cfg.logger.wandb else "disabled"
+    if mode != "disabled":
+        os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_SILENT", "true")
         from lightning.pytorch.loggers import WandbLogger
 
         wandb_logger = WandbLogger(
             project=cfg.logger.project, name=cfg.name or run_dir.name, save_dir=str(run_dir),
-            entity=cfg.logger.entity or None, offline=cfg.logger.wandb_mode == "offline",
+            entity=cfg.logger.entity or None, offline=mode == "offline",
             config=OmegaConf.to_container(OmegaConf.structured(cfg)),
         )
         # Lightning passes anonymous=None to wandb.init unconditionally and wandb warns about any
@@ -171,11 +204,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         save_top_k=t.save_top_k, save_last=True, monitor=None,
     )
     thr = ThroughputCallback(fpe, peak, dm.timer, t.throughput_every_n_steps)
-    callbacks = [ckpt_cb, thr, CurvesCallback(run_dir), LearningRateMonitor(logging_interval="step")]
+    callbacks = [ckpt_cb, thr, CurvesCallback(run_dir), LearningRateMonitor(logging_interval="step"), FinalValidation()]
     callbacks += progress_callbacks(t.enable_progress_bar, "plm-train", t.log_every_n_steps)
-
-    if t.compile and t.strategy != "fsdp2":
-        pass  # compile happens in configure_model for every strategy
     limit_val = t.limit_val_batches if t.limit_val_batches <= 1 else int(t.limit_val_batches)
     trainer = pl.Trainer(
         accelerator="gpu" if t.accelerator == "cuda" else t.accelerator,
@@ -203,8 +233,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ckpt_path = cfg.ckpt_path or None
     if ckpt_path == "last":
         ckpt_path = str(ckpt_dir / "last.ckpt")
+    t_fit = time.perf_counter()
     with loader_warnings_off():
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - t_fit
 
     final = run_dir / "final.pt"
     if t.strategy == "fsdp2":
@@ -228,8 +260,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             wandb.finish()
     metrics = {k: float(v) for k, v in trainer.logged_metrics.items() if torch.as_tensor(v).numel() == 1}
     last_ckpt = ckpt_dir / "last.ckpt"
-    return {"run_dir": str(run_dir), "last_ckpt": str(last_ckpt), "final": str(final), "metrics": metrics,
-            "throughput": dict(thr.last), "global_step": trainer.global_step}
+    result = {"run_dir": str(run_dir), "last_ckpt": str(last_ckpt), "final": str(final), "metrics": metrics,
+              "throughput": dict(thr.last), "global_step": trainer.global_step}
+    if trainer.global_rank == 0:  # what the run consumed and produced, beside config.yaml
+        record = {"global_step": trainer.global_step, "fit_seconds": round(fit_seconds, 1),
+                  "resumed_from": ckpt_path, "world_size": trainer.world_size,
+                  "data": {"path": str(cfg.data.path), "tokenizer_sha256": dm.tokenizer_sha256},
+                  "outputs": {"final": str(final), "last_ckpt": str(last_ckpt)},
+                  "metrics": metrics, "throughput": dict(thr.last)}
+        (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    return result
 
 
 def _log_artifacts(wandb_logger, dm, final: Path, run_dir: Path) -> None:

@@ -2,15 +2,17 @@
 
     python -m plm.train.sweep_report runs/sweep/2026-01-01_00-00-00 [--name NAME] [--out experiments]
 
-Reads every `<dir>/<job>/.hydra/overrides.yaml` and `<dir>/<job>/csv/metrics.csv`; writes
-`experiments/<name>/README.md` (one row per run: overrides, steps, last train/val loss, best
-val loss, events/s) and `experiments/<name>/val_loss.png`.
-(A `plm-sweep-report` console script needs one line in pyproject.toml: not added yet.)
+Reads every `<dir>/<job>/.hydra/overrides.yaml`, `<dir>/<job>/csv/metrics.csv` and
+`<dir>/<job>/run.json` (the steps a run trained; a run still going, or one that failed, has none
+and shows the steps of its last logged metric); writes `experiments/<name>/README.md` (one row
+per run: overrides, steps, last train/val loss, best val loss, events/s) and
+`experiments/<name>/val_loss.png`. Also installed as the console script `plm-sweep-report`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import yaml
@@ -29,9 +31,13 @@ def collect(sweep_dir: Path) -> list[dict]:
         def last(k, s=s):
             return s[k][-1][1] if s.get(k) else float("nan")
 
+        record = run / "run.json"
+        if record.exists():  # written at the end of a run: the steps it trained
+            steps = int(json.loads(record.read_text())["global_step"])
+        else:  # the CSV's steps are 0-based
+            steps = int(max((x for v in s.values() for x, _ in v), default=-1)) + 1
         rows.append({
-            "run": run.name, "overrides": " ".join(overrides), "steps": int(last("step")) if s.get("step") else
-            int(max((x for v in s.values() for x, _ in v), default=0)),
+            "run": run.name, "overrides": " ".join(overrides), "steps": steps,
             "train_loss": last("train/loss"), "val_loss": last("val/loss"),
             "best_val_loss": min((v for _, v in s.get("val/loss", [])), default=float("nan")),
             "events_per_s": last("perf/events_per_s"), "curve": s.get("val/loss", []),
@@ -59,7 +65,10 @@ def write_report(rows: list[dict], out: Path, title: str) -> Path:
             ax.plot(xs, ys, marker=".", label=r["overrides"] or r["run"])
     ax.set_xlabel("step")
     ax.set_ylabel("val/loss")
-    ax.legend(fontsize=6)
+    if any(r["curve"] for r in rows):
+        ax.legend(fontsize=6)
+    else:
+        ax.text(0.5, 0.5, "no validation logged", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out / "val_loss.png", dpi=90)
     plt.close(fig)

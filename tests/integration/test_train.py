@@ -4,6 +4,7 @@ loadable with weights_only=True, exact resume, every experiment config, clear co
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def test_run_folder_and_checkpoints(prepared, tmp_path, capfd):
                    "trainer.val_check_interval=3", "logger=wandb", "objective.masked.last_prob=0.5",
                    "objective.masked.last_jitter=true")
     out = train(cfg)
+    assert os.environ["WANDB_MODE"] == "offline"  # Lightning's offline mode set it to "dryrun": undone
     run = Path(out["run_dir"])
     assert (run / "config.yaml").exists() and "max_steps: 6" in (run / "config.yaml").read_text()
     assert (run / "csv" / "metrics.csv").exists()
@@ -71,6 +73,10 @@ def test_run_folder_and_checkpoints(prepared, tmp_path, capfd):
               "perf/events_per_s", "perf/tokens_per_s", "perf/mfu", "data/wait_fraction"):
         assert k in names, k
     assert list((run / "wandb").glob("offline-run-*"))
+    rec = json.loads((run / "run.json").read_text())
+    assert rec["global_step"] == 6 and rec["data"]["path"] == str(prepared) and rec["resumed_from"] is None
+    assert len(rec["data"]["tokenizer_sha256"]) == 64 and rec["outputs"]["final"] == str(run / "final.pt")
+    assert rec["metrics"]["val/loss"] > 0 and rec["fit_seconds"] > 0
     printed = capfd.readouterr()
     assert "anonymous setting" not in printed.out + printed.err  # Lightning's anonymous=None, dropped
 
@@ -87,7 +93,7 @@ def test_logging_interval_longer_than_an_epoch_logs_by_step_without_a_warning(pr
         warnings.simplefilter("always")
         train(cfg)
     assert not [w for w in caught if "logging interval" in str(w.message)]
-    assert sorted(losses(tmp_path / "run")) == [9, 19]  # every 10 steps, across 5 epochs
+    assert sorted(losses(tmp_path / "run")) == [9, 19, 24]  # every 10 steps, across 5 epochs, and the last
 
 
 def test_checkpoints_record_the_architecture_the_weights_chose(prepared, tmp_path):
@@ -193,6 +199,11 @@ def test_sweep_report(prepared, tmp_path):
         (sweep / str(i) / ".hydra").mkdir()
         (sweep / str(i) / ".hydra" / "overrides.yaml").write_text(f"- model.attention.n_kv_heads={kv}\n")
     report([str(sweep), "--name", "kv", "--out", str(tmp_path / "experiments")])
+    from plm.train.sweep_report import collect
+
+    assert [r["steps"] for r in collect(sweep)] == [2, 2]  # from run.json (the CSV's last step is 1)
+    (sweep / "1" / "run.json").unlink()  # a run without its record (still going, or failed)
+    assert [r["steps"] for r in collect(sweep)] == [2, 2]
     md = (tmp_path / "experiments" / "kv" / "README.md").read_text()
     assert "n_kv_heads=0" in md and "n_kv_heads=1" in md
     assert (tmp_path / "experiments" / "kv" / "val_loss.png").exists()
@@ -208,3 +219,14 @@ def test_activation_checkpointing_gives_the_same_losses(prepared, tmp_path):
         assert abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]), (s, la[s], lb[s])
     sd = torch.load(Path(b["final"]), weights_only=True)["model"]
     assert not any("checkpoint_wrapped" in k for k in sd)
+
+
+def test_the_last_step_is_validated_and_logged(prepared, tmp_path):
+    """max_steps not a multiple of val_check_interval: Lightning validated at step 3 only; the
+    run also validates (and logs its train loss) at its last step, so a short run or a sweep's
+    report has the final model's validation loss."""
+    train(make_cfg(prepared, tmp_path / "run", "trainer.max_steps=5", "trainer.val_check_interval=3",
+                   "trainer.log_every_n_steps=3"))
+    val = losses(tmp_path / "run", "val/loss")
+    assert len(val) == 2 and max(val) > min(val), val  # two validations: step 3 and step 5
+    assert max(losses(tmp_path / "run")) == 4  # the last step's train loss (steps are 0-based in the CSV)
