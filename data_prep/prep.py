@@ -424,7 +424,7 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         spark.conf.set("spark.sql.shuffle.partitions", str(n_partitions))
     # 1. validate, quarantine, dedupe (per source)
     accounting, quarantine_files, kept_frames = {}, {}, []
-    last_us = None  # epoch µs of the last kept row, for the default cut-off
+    first_us = last_us = None  # epoch µs of the first and last kept rows (the default cut-off: after the last)
     flagged_frames = []
     for source, files in inputs.items():
         acc = {"input_rows": n_input[source], "kept_rows": 0, "duplicate_rows": 0, "quarantined_rows": {}}
@@ -439,13 +439,15 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         counts = flagged.groupBy("_status", "reason").agg(
             F.count(F.lit(1)).alias("rows"),
             F.sum(F.col("_copies") - 1).alias("duplicates"),
-            F.max(F.unix_micros("ts")).alias("last_us"),  # an int: no local-time conversion
+            F.min(F.unix_micros("ts")).alias("first_us"),  # ints: no local-time conversion
+            F.max(F.unix_micros("ts")).alias("last_us"),
         )
         for r in counts.collect():
             acc["duplicate_rows"] += int(r["duplicates"])
             if r["_status"] == "kept":
                 acc["kept_rows"] = r["rows"]
                 last_us = max(last_us, r["last_us"]) if last_us is not None else r["last_us"]
+                first_us = min(first_us, r["first_us"]) if first_us is not None else r["first_us"]
             else:
                 acc["quarantined_rows"][r["reason"]] = r["rows"]
         public = [c.name for c in RAW_SOURCES[source] if c.name not in PRIVATE_COLUMNS]
@@ -489,6 +491,15 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
     for source, acc in accounting.items():
         acc["after_cutoff_rows"] = after.get(T.EVENT_TYPE_NAME[source], 0)
         acc["sequence_rows"] = acc["kept_rows"] - acc["after_cutoff_rows"]
+    if sum(after.values()):
+        n_kept = sum(a["kept_rows"] for a in accounting.values())
+        log(f"cutoff {cutoff}: {sum(after.values()):,} of {n_kept:,} kept events are at or after it, left out of "
+            "the sequences (" + ", ".join(f"{s} {a['after_cutoff_rows']:,}" for s, a in accounting.items()
+                                          if a["after_cutoff_rows"]) + ")")
+        if sum(after.values()) == n_kept:
+            first = _iso(dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=first_us))
+            raise ValueError(f"cutoff={cfg.cutoff}: every kept event is at or after it (the first is at {first}); "
+                             "nothing to prepare: pick a later cutoff")
     events = events.where(in_window).repartition(n_partitions, "user_id")
     events = T.add_history_features(events)
     events = T.assign_split(events, cfg.split_salt, cfg.val_fraction, cfg.test_fraction)

@@ -257,6 +257,22 @@ def test_missing_and_empty_sources(tmp_path, spark, prep_config, capsys):
     assert (tmp_path / "out" / "val").is_dir() and m["splits"]["val"]["shards"] == []
 
 
+def test_a_cutoff_before_every_event_is_named(tmp_path, spark, prep_config, capsys):
+    """cutoff= earlier than every kept event: the error says so (it said every user had hashed
+    into val/test); a cutoff inside the data prints how many events it leaves out, per source."""
+    raw = write_raw(tmp_path / "raw", logins=[login(f"l{i}", f"u{i}", ts(3 + i)) for i in range(12)])
+    with pytest.raises(ValueError, match=r"cutoff=2024-01-02T00:00:00Z: every kept event is at or after it "
+                                         r"\(the first is at 2024-01-03T12:00:00Z\); nothing to prepare"):
+        run_prep(prep_config(raw, tmp_path / "out", cutoff="2024-01-02T00:00:00Z"), spark=spark)
+    assert not (tmp_path / "out").exists()
+    assert "12 of 12 kept events are at or after it, left out of the sequences (logins 12)" in capsys.readouterr().out
+    m = run_prep(prep_config(raw, tmp_path / "out", cutoff="2024-01-10T00:00:00Z", val_fraction=0.0,
+                             test_fraction=0.0), spark=spark)
+    assert "[plm-prep] cutoff 2024-01-10T00:00:00Z: 5 of 12 kept events are at or after it, left out of the " \
+           "sequences (logins 5)" in capsys.readouterr().out.splitlines()
+    assert m["accounting"]["logins"]["after_cutoff_rows"] == 5 and m["splits"]["train"]["users"] == 7
+
+
 def test_out_exists_needs_overwrite(tmp_path, spark, prep_config):
     raw = write_raw(tmp_path / "raw", logins=[login("l1", "u1", ts(1))])
     (tmp_path / "out").mkdir()
