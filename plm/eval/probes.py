@@ -37,7 +37,7 @@ class Task:
     y: np.ndarray  # float64 (regression) or int64 class index, only labelled rows
     mask: np.ndarray  # bool over the input rows: label present
     classes: list  # original label values of the classes (classification), else []
-    n_null: int  # rows whose label is null (skipped)
+    n_null: int  # rows whose label is null, NaN or infinite (skipped)
 
 
 def infer_kind(values: np.ndarray) -> str:

@@ -302,7 +302,7 @@ def render_markdown(rep: dict, extra_sections: dict | None) -> str:
             continue
         desc = f"{fmt(t['n_users'])} users"
         if t["n_null_skipped"]:
-            desc += f" ({fmt(t['n_null_skipped'])} with a null label skipped)"
+            desc += f" ({fmt(t['n_null_skipped'])} with a null or non-finite label skipped)"
         if t["type"] != REGRESSION:
             desc += "; class counts " + ", ".join(f"{k}: {fmt(v)}" for k, v in t["class_counts"].items())
         else:

@@ -466,7 +466,7 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
             entry["label_stats"] = {"mean": float(task.y.mean()) if task.y.size else None,
                                     "std": float(task.y.std()) if task.y.size else None}
         if task.n_null:
-            warnings.append(f"task `{name}`: {task.n_null:,} users with embeddings have a null label (left out of this task)")
+            warnings.append(f"task `{name}`: {task.n_null:,} users with embeddings have a null or non-finite label (left out of this task)")
         reason = None
         if task.y.size < 2 * cfg.folds:
             reason = f"{task.y.size} labelled users with embeddings, fewer than folds x 2 = {2 * cfg.folds}"

@@ -48,6 +48,8 @@ def test_make_task_skips_nulls_and_recodes_classes():
     assert t.classes == [3, 5, 7]
     assert t.y.tolist() == [0, 2, 1, 0]
     assert t.mask.tolist() == [True, False, True, True, True]
+    r = make_task("spend", np.array([0.5, np.inf, 1.7, -np.inf, 2.25, np.nan, 3.1]))  # infinities count as nulls
+    assert r.kind == REGRESSION and r.n_null == 3 and r.y.tolist() == [0.5, 1.7, 2.25, 3.1]
 
 
 def test_make_task_with_class_names_keeps_the_present_ones():

@@ -108,7 +108,7 @@ def test_task_with_too_few_users_is_skipped_with_a_warning(tmp_path, world, caps
     rare = rep["tasks"]["rare"]
     assert rare["status"] == "skipped" and "fewer than folds x 2" in rare["reason"]
     assert rare["n_null_skipped"] == 111  # 115 evaluated users, 4 labelled
-    assert "plm-eval: warning: task `rare`: 111 users with embeddings have a null label" in printed
+    assert "plm-eval: warning: task `rare`: 111 users with embeddings have a null or non-finite label" in printed
     assert "task `churn`: " not in printed  # no nulls, no warning
     assert rep["tasks"]["mono"]["status"] == "skipped" and "only one class" in rep["tasks"]["mono"]["reason"]
     assert rep["tasks"]["churn"]["status"] == "ok"
