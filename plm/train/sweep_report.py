@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -20,7 +21,24 @@ import yaml
 from plm.train.callbacks import read_metrics_csv
 
 
-def collect(sweep_dir: Path) -> list[dict]:
+def probe_results(report_json: Path, probe: str) -> dict[str, tuple[str, float, float, float]]:
+    """{task: (primary metric, value, CI low, CI high)} of `probe` in a plm-eval report.json
+    (tasks it skipped, or that lack the probe, are left out)."""
+    rep = json.loads(report_json.read_text())
+    out = {}
+    for name, t in (rep.get("tasks") or {}).items():
+        metric = t.get("primary_metric")
+        res = (t.get("results") or {}).get(probe, {}).get(metric) if t.get("status") == "ok" else None
+        if isinstance(res, dict) and res.get("value") is not None:
+            lo, hi = (res.get(k) for k in ("ci_low", "ci_high"))
+            out[name] = (metric, float(res["value"]), float("nan") if lo is None else float(lo),
+                         float("nan") if hi is None else float(hi))
+    return out
+
+
+def collect(sweep_dir: Path, report: str = "report/report.json", probe: str = "embedding_linear") -> list[dict]:
+    """One row per job of the sweep. `report`: a plm-eval report.json, relative to each job's
+    folder, whose `probe` results join the row (jobs without one get none)."""
     rows = []
     for ov in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         run = ov.parent.parent
@@ -41,17 +59,35 @@ def collect(sweep_dir: Path) -> list[dict]:
             "train_loss": last("train/loss"), "val_loss": last("val/loss"),
             "best_val_loss": min((v for _, v in s.get("val/loss", [])), default=float("nan")),
             "events_per_s": last("perf/events_per_s"), "curve": s.get("val/loss", []),
+            "probe": probe_results(run / report, probe) if report and (run / report).exists() else {},
         })
     return rows
 
 
-def write_report(rows: list[dict], out: Path, title: str) -> Path:
+def write_report(rows: list[dict], out: Path, title: str, probe: str = "embedding_linear") -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Sweep {title}", "", "| run | overrides | steps | train loss | val loss | best val loss | events/s |",
-             "|---|---|---|---|---|---|---|"]
+    tasks: dict[str, str] = {}  # task -> metric, in first-seen order
+    for r in rows:
+        for task, (metric, *_rest) in r.get("probe", {}).items():
+            tasks.setdefault(task, metric)
+    # the overrides every run shares are said once; each row shows what sets it apart
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
+    head = ["run", "overrides", "steps", "train loss", "val loss", "best val loss", "events/s"]
+    head += [f"{task} ({metric})" for task, metric in tasks.items()]
+    lines = [f"# Sweep {title}", ""]
+    if common:
+        lines += ["Every run: `" + " ".join(o for o in rows[0]["overrides"].split() if o in common) + "`", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["best_val_loss"] != r["best_val_loss"], r["best_val_loss"])):
-        lines.append(f"| {r['run']} | `{r['overrides']}` | {r['steps']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} "
-                     f"| {r['best_val_loss']:.4f} | {r['events_per_s']:.0f} |")
+        own = " ".join(o for o in r["overrides"].split() if o not in common)
+        cells = [r["run"], f"`{own}`" if own else "", str(r["steps"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
+                 f"{r['best_val_loss']:.4f}", f"{r['events_per_s']:.0f}"]
+        for task in tasks:
+            got = r.get("probe", {}).get(task)
+            cells.append(f"{got[1]:.3f} [{got[2]:.3f}, {got[3]:.3f}]" if got else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    if tasks:
+        lines += ["", f"Task columns: `{probe}` from each run's plm-eval report (value [95% bootstrap interval])."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -62,7 +98,8 @@ def write_report(rows: list[dict], out: Path, title: str) -> Path:
     for r in rows:
         if r["curve"]:
             xs, ys = zip(*r["curve"])
-            ax.plot(xs, ys, marker=".", label=r["overrides"] or r["run"])
+            own = " ".join(o for o in r["overrides"].split() if o not in common)
+            ax.plot(xs, ys, marker=".", label=own or r["run"])
     ax.set_xlabel("step")
     ax.set_ylabel("val/loss")
     if any(r["curve"] for r in rows):
@@ -80,12 +117,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("sweep_dir")
     p.add_argument("--name", default=None)
     p.add_argument("--out", default="experiments")
+    p.add_argument("--report", default="report/report.json",
+                   help="each job's plm-eval report.json, relative to its folder; its probe results become columns")
+    p.add_argument("--probe", default="embedding_linear", help="the feature set / probe of the report to show")
     a = p.parse_args(argv)
     d = Path(a.sweep_dir)
-    rows = collect(d)
+    rows = collect(d, a.report, a.probe)
     if not rows:
         raise SystemExit(f"plm-sweep-report: no runs (*/.hydra/overrides.yaml) under {d}")
-    path = write_report(rows, Path(a.out) / (a.name or d.name), a.name or d.name)
+    with_report = sum(bool(r["probe"]) for r in rows)
+    if with_report and with_report < len(rows):
+        print(f"plm-sweep-report: {len(rows) - with_report} of {len(rows)} runs have no {a.report} with {a.probe}",
+              file=sys.stderr)
+    path = write_report(rows, Path(a.out) / (a.name or d.name), a.name or d.name, a.probe)
     print(f"plm-sweep-report: {len(rows)} runs -> {path}")
 
 

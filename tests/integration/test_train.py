@@ -197,13 +197,26 @@ def test_sweep_report(prepared, tmp_path):
         train(make_cfg(prepared, sweep / str(i), f"model.attention.n_kv_heads={kv}", "trainer.max_steps=2",
                        "trainer.val_check_interval=1"))
         (sweep / str(i) / ".hydra").mkdir()
-        (sweep / str(i) / ".hydra" / "overrides.yaml").write_text(f"- model.attention.n_kv_heads={kv}\n")
+        (sweep / str(i) / ".hydra" / "overrides.yaml").write_text(f"- model.attention.n_kv_heads={kv}\n- seed=3\n")
     report([str(sweep), "--name", "kv", "--out", str(tmp_path / "experiments")])
     from plm.train.sweep_report import collect
 
     assert [r["steps"] for r in collect(sweep)] == [2, 2]  # from run.json (the CSV's last step is 1)
     (sweep / "1" / "run.json").unlink()  # a run without its record (still going, or failed)
     assert [r["steps"] for r in collect(sweep)] == [2, 2]
+    # a plm-eval report in a job's folder adds its probe's headline metric per task
+    (sweep / "0" / "report").mkdir()
+    (sweep / "0" / "report" / "report.json").write_text(json.dumps({"tasks": {
+        "churn": {"status": "ok", "primary_metric": "roc_auc",
+                  "results": {"embedding_linear": {"roc_auc": {"value": 0.7162, "ci_low": 0.69, "ci_high": 0.7428}}}},
+        "flat": {"status": "skipped", "primary_metric": "r2", "results": {}}}}))
+    report([str(sweep), "--name", "kv", "--out", str(tmp_path / "experiments")])
+    md = (tmp_path / "experiments" / "kv" / "README.md").read_text().splitlines()
+    assert md[2] == "Every run: `seed=3`"  # the shared overrides once; each row shows its own
+    assert md[4].endswith("| events/s | churn (roc_auc) |") and "flat" not in md[4]
+    row = {ln.split(" | ")[0]: ln for ln in md[6:8]}
+    assert row["| 0"].startswith("| 0 | `model.attention.n_kv_heads=0` | 2 |")
+    assert row["| 0"].endswith("| 0.716 [0.690, 0.743] |") and row["| 1"].endswith("| - |")
     md = (tmp_path / "experiments" / "kv" / "README.md").read_text()
     assert "n_kv_heads=0" in md and "n_kv_heads=1" in md
     assert (tmp_path / "experiments" / "kv" / "val_loss.png").exists()
