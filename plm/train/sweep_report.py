@@ -95,6 +95,8 @@ def write_report(rows: list[dict], out: Path, title: str, probe: str = "embeddin
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    if len(rows) > 10:  # the default cycle repeats its 10 colours
+        ax.set_prop_cycle(color=[plt.cm.tab20(i % 20) for i in range(len(rows))])
     for r in rows:
         if r["curve"]:
             xs, ys = zip(*r["curve"])
