@@ -4,9 +4,11 @@
 
 Reads every `<dir>/<job>/.hydra/overrides.yaml`, `<dir>/<job>/csv/metrics.csv` and
 `<dir>/<job>/run.json` (the steps a run trained; a run still going, or one that failed, has none
-and shows the steps of its last logged metric); writes `experiments/<name>/README.md` (one row
-per run: overrides, steps, last train/val loss, best val loss, events/s) and
-`experiments/<name>/val_loss.png`. Also installed as the console script `plm-sweep-report`.
+and shows the steps of its last logged metric) and, when there, `<dir>/<job>/report/report.json`
+(plm-eval of the job's exported embeddings); writes `experiments/<name>/README.md` (one row per
+run: its own overrides, steps, last train/val loss, best val loss, events/s, and the linear
+probe's headline metric per task) and `experiments/<name>/val_loss.png`. Also installed as the
+console script `plm-sweep-report`.
 """
 
 from __future__ import annotations
