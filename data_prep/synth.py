@@ -359,21 +359,23 @@ def _iso(t: datetime) -> str:
 
 def validate(cfg: SynthConfig) -> None:
     """Raise ValueError naming the field when a config value is out of range."""
-    checks = {
-        "users": cfg.users >= 1,
-        "days": cfg.days >= 14,
-        "horizon_days": cfg.horizon_days >= 1,
-        "merchants": cfg.merchants == 0 or cfg.merchants >= len(COUNTRIES) * len(CATEGORIES),
-        "payments_per_day": cfg.payments_per_day > 0,
-        "logins_per_day": cfg.logins_per_day >= 0,
-        "churn_rate": 0 <= cfg.churn_rate <= 1,
-        "ato_rate": 0 <= cfg.ato_rate <= 1,
-        "dirty_fraction": 0 <= cfg.dirty_fraction <= 1,
-        "part_rows": cfg.part_rows >= 1,
+    n_min_merchants = len(COUNTRIES) * len(CATEGORIES)
+    checks = {  # name: (ok, the rule)
+        "users": (cfg.users >= 1, ">= 1"),
+        "days": (cfg.days >= 14, ">= 14"),
+        "horizon_days": (cfg.horizon_days >= 1, ">= 1"),
+        "merchants": (cfg.merchants == 0 or cfg.merchants >= n_min_merchants,
+                      f"0 (sized from users) or >= {n_min_merchants} (one per country and category)"),
+        "payments_per_day": (cfg.payments_per_day > 0, "> 0"),
+        "logins_per_day": (cfg.logins_per_day >= 0, ">= 0"),
+        "churn_rate": (0 <= cfg.churn_rate <= 1, "in [0, 1]"),
+        "ato_rate": (0 <= cfg.ato_rate <= 1, "in [0, 1]"),
+        "dirty_fraction": (0 <= cfg.dirty_fraction <= 1, "in [0, 1]"),
+        "part_rows": (cfg.part_rows >= 1, ">= 1"),
     }
-    for name, ok in checks.items():
+    for name, (ok, rule) in checks.items():
         if not ok:
-            raise ValueError(f"{name}={getattr(cfg, name)!r} is out of range (see SynthConfig)")
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is out of range: must be {rule}")
     known = {c.code for c in COUNTRIES}
     bad = sorted(set(cfg.home_countries) - known)
     if bad or not cfg.home_countries or min(cfg.home_countries.values()) < 0 or sum(cfg.home_countries.values()) <= 0:

@@ -202,8 +202,10 @@ def test_write_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
 
 
 def test_config_validation_names_the_field():
-    with pytest.raises(ValueError, match="users"):
+    with pytest.raises(ValueError, match=r"^users=0 is out of range: must be >= 1$"):
         validate(SynthConfig(out="x", users=0))
+    with pytest.raises(ValueError, match=r"^merchants=5 is out of range: must be 0 \(sized from users\) or >= 240 "):
+        validate(SynthConfig(out="x", merchants=5))
     with pytest.raises(ValueError, match="home_countries"):
         validate(SynthConfig(out="x", home_countries={"XX": 1.0}))
 
