@@ -491,12 +491,12 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
     for source, acc in accounting.items():
         acc["after_cutoff_rows"] = after.get(T.EVENT_TYPE_NAME[source], 0)
         acc["sequence_rows"] = acc["kept_rows"] - acc["after_cutoff_rows"]
-    if sum(after.values()):
+    n_after = sum(after.values())
+    if n_after:
         n_kept = sum(a["kept_rows"] for a in accounting.values())
-        log(f"cutoff {cutoff}: {sum(after.values()):,} of {n_kept:,} kept events are at or after it, left out of "
-            "the sequences (" + ", ".join(f"{s} {a['after_cutoff_rows']:,}" for s, a in accounting.items()
-                                          if a["after_cutoff_rows"]) + ")")
-        if sum(after.values()) == n_kept:
+        log(f"cutoff {cutoff}: {n_after:,} of {n_kept:,} kept events are at or after it, left out of the sequences ("
+            + ", ".join(f"{s} {a['after_cutoff_rows']:,}" for s, a in accounting.items() if a["after_cutoff_rows"]) + ")")
+        if n_after == n_kept:
             first = _iso(dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=first_us))
             raise ValueError(f"cutoff={cfg.cutoff}: every kept event is at or after it (the first is at {first}); "
                              "nothing to prepare: pick a later cutoff")

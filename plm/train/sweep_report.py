@@ -74,6 +74,7 @@ def write_report(rows: list[dict], out: Path, title: str, probe: str = "embeddin
             tasks.setdefault(task, metric)
     # the overrides every run shares are said once; each row shows what sets it apart
     common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
+    own = {r["run"]: " ".join(o for o in r["overrides"].split() if o not in common) for r in rows}
     head = ["run", "overrides", "steps", "train loss", "val loss", "best val loss", "events/s"]
     head += [f"{task} ({metric})" for task, metric in tasks.items()]
     lines = [f"# Sweep {title}", ""]
@@ -81,15 +82,14 @@ def write_report(rows: list[dict], out: Path, title: str, probe: str = "embeddin
         lines += ["Every run: `" + " ".join(o for o in rows[0]["overrides"].split() if o in common) + "`", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["best_val_loss"] != r["best_val_loss"], r["best_val_loss"])):
-        own = " ".join(o for o in r["overrides"].split() if o not in common)
-        cells = [r["run"], f"`{own}`" if own else "", str(r["steps"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
+        cells = [r["run"], f"`{own[r['run']]}`" if own[r["run"]] else "", str(r["steps"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
                  f"{r['best_val_loss']:.4f}", f"{r['events_per_s']:.0f}"]
         for task in tasks:
             got = r.get("probe", {}).get(task)
             cells.append(f"{got[1]:.3f} [{got[2]:.3f}, {got[3]:.3f}]" if got else "-")
         lines.append("| " + " | ".join(cells) + " |")
     if tasks:
-        lines += ["", f"Task columns: `{probe}` from each run's plm-eval report (value [95% bootstrap interval])."]
+        lines += ["", f"Task columns: `{probe}` from each run's plm-eval report (value [its bootstrap interval])."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -102,8 +102,7 @@ def write_report(rows: list[dict], out: Path, title: str, probe: str = "embeddin
     for r in rows:
         if r["curve"]:
             xs, ys = zip(*r["curve"])
-            own = " ".join(o for o in r["overrides"].split() if o not in common)
-            ax.plot(xs, ys, marker=".", label=own or r["run"])
+            ax.plot(xs, ys, marker=".", label=own[r["run"]] or r["run"])
     ax.set_xlabel("step")
     ax.set_ylabel("val/loss")
     if any(r["curve"] for r in rows):
