@@ -197,6 +197,11 @@ def _iso(ts: dt.datetime) -> str:
     return ts.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def _iso_us(us: int) -> str:
+    """Epoch microseconds -> ISO UTC time (exact: no float seconds)."""
+    return _iso(dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=us))
+
+
 def _parse_time(value: str, what: str) -> dt.datetime:
     try:
         t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -485,7 +490,7 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         in_window = F.col("ts") < F.lit(cutoff).cast("timestamp")
         after = dict(events.where(~in_window).groupBy("event_type").count().collect())
     else:  # just after the last kept event: nothing is after it, no need to count
-        cutoff = _iso(dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=last_us + 1))
+        cutoff = _iso_us(last_us + 1)
         in_window = F.col("ts") < F.lit(cutoff).cast("timestamp")
         after = {}
     for source, acc in accounting.items():
@@ -497,8 +502,7 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         log(f"cutoff {cutoff}: {n_after:,} of {n_kept:,} kept events are at or after it, left out of the sequences ("
             + ", ".join(f"{s} {a['after_cutoff_rows']:,}" for s, a in accounting.items() if a["after_cutoff_rows"]) + ")")
         if n_after == n_kept:
-            first = _iso(dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=first_us))
-            raise ValueError(f"cutoff={cfg.cutoff}: every kept event is at or after it (the first is at {first}); "
+            raise ValueError(f"cutoff={cfg.cutoff}: every kept event is at or after it (the first is at {_iso_us(first_us)}); "
                              "nothing to prepare: pick a later cutoff")
     events = events.where(in_window).repartition(n_partitions, "user_id")
     events = T.add_history_features(events)
