@@ -21,7 +21,8 @@ def main(cfg) -> None:
         cfg.name = ",".join([exp] + over)[:128]
     with cli_errors("plm-train"):
         out = train(cfg)
-    print(f"plm-train: run folder {out['run_dir']} (step {out['global_step']}); final weights {out['final']}")
+    if out.get("global_rank", 0) == 0:  # once, not once per DDP process
+        print(f"plm-train: run folder {out['run_dir']} (step {out['global_step']}); final weights {out['final']}")
 
 
 if __name__ == "__main__":

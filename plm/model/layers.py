@@ -20,6 +20,11 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         if torch.onnx.is_in_onnx_export():
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        if self.weight is not None and x.dtype != self.weight.dtype:
+            # bf16 activations, fp32 weight: CPU autocast (bf16-mixed on CPU) passes them as they
+            # are and torch.rms_norm falls back to its composite path with a warning on every
+            # call; run it in fp32 as CUDA autocast's policy for rms_norm does
+            return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps)
         return super().forward(x)
 
 

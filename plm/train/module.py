@@ -224,11 +224,14 @@ class PretrainModule(pl.LightningModule):
         t = torch.stack([torch.stack(self._val_ce[k]) for k in keys]).to(self.device)  # (K, 2)
         if self.trainer.world_size > 1:
             t = self.trainer.strategy.reduce(t, reduce_op="sum")
+        # every rank holds the summed totals now: each logs the same value, and sync_dist (a mean
+        # of equal values) only tells Lightning the value is already global
+        sync = self.trainer.world_size > 1
         for k, (s, c) in zip(keys, t.tolist()):
             if c > 0 and not k.endswith("/time"):
-                self.log(f"val/ppl/{k}", math.exp(min(s / c, 50.0)), sync_dist=False, rank_zero_only=True)
+                self.log(f"val/ppl/{k}", math.exp(min(s / c, 50.0)), sync_dist=sync)
             elif c > 0:
-                self.log(f"val/nll/{k}", s / c, sync_dist=False, rank_zero_only=True)
+                self.log(f"val/nll/{k}", s / c, sync_dist=sync)
 
     # --------------------------------------------------------------------------- optimiser
     def on_before_optimizer_step(self, optimizer) -> None:

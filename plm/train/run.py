@@ -55,7 +55,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise SystemExit(
             f"plm-train: trainer config asks for GPUs (accelerator={t.accelerator}, devices={t.devices}, "
             f"num_nodes={t.num_nodes}) but no CUDA device is visible on this machine. Use trainer=cpu "
-            "(or trainer=ddp / trainer=fsdp with trainer.accelerator=cpu for gloo on CPU)."
+            "(or trainer=ddp / trainer=fsdp with trainer.accelerator=cpu trainer.precision=32-true for gloo on CPU)."
         )
     if t.strategy == "fsdp2" and t.accelerator == "cpu" and t.precision.startswith("16"):
         raise ValueError("trainer.precision=16-mixed is not supported on CPU; use 32-true or bf16-mixed")
@@ -113,12 +113,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 os.environ[k] = v
 
 
+def _is_rank_zero() -> bool:
+    """Whether this process is global rank 0, before any Trainer exists (Lightning's reading of
+    RANK / LOCAL_RANK / SLURM_PROCID, which its launchers set in every process they start)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def wandb_mode(configured: str) -> str:
     """The wandb mode a run uses: WANDB_MODE from the environment when set (it overrides
     logger.wandb_mode, with a note; `dryrun` is wandb's old name of `offline`), else the config's."""
     env = os.environ.get("WANDB_MODE")
     env = "offline" if env == "dryrun" else env
-    if env and env != configured:
+    if env and env != configured and _is_rank_zero():  # once per run, not once per DDP process
         print(f"plm-train: WANDB_MODE={env} in the environment overrides logger.wandb_mode={configured}", flush=True)
     return env or configured
 
@@ -261,7 +269,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.logged_metrics.items() if torch.as_tensor(v).numel() == 1}
     last_ckpt = ckpt_dir / "last.ckpt"
     result = {"run_dir": str(run_dir), "last_ckpt": str(last_ckpt), "final": str(final), "metrics": metrics,
-              "throughput": dict(thr.last), "global_step": trainer.global_step}
+              "throughput": dict(thr.last), "global_step": trainer.global_step, "global_rank": trainer.global_rank}
     if trainer.global_rank == 0:  # what the run consumed and produced, beside config.yaml
         record = {"global_step": trainer.global_step, "fit_seconds": round(fit_seconds, 1),
                   "resumed_from": ckpt_path, "world_size": trainer.world_size,

@@ -79,11 +79,15 @@ def test_fsdp2_cli_distributed_checkpoint_resume_is_exact(tmp_path):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              start_new_session=True, cwd=tmp_path)
         try:
-            _, err = p.communicate(timeout=180)
+            out, err = p.communicate(timeout=180)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             raise AssertionError("fsdp cli timed out") from None
         assert p.returncode == 0, err[-4000:]
+        # one report per run, not one per process; per-field validation metrics reduced, no
+        # Lightning "use sync_dist=True" warning for each of them
+        assert out.count("plm-train: run folder") == 1, out
+        assert "val/ppl" in (run / "csv" / "metrics.csv").read_text() and "sync_dist" not in err, err[-4000:]
         import csv
 
         with open(run / "csv" / "metrics.csv") as f:

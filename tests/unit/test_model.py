@@ -547,3 +547,22 @@ def test_a_field_with_only_special_tokens_is_embedded():
     assert m.heads(out.hidden).logits["category"].shape[-1] == 5
     with pytest.raises(ValueError, match="smaller than the 5 special tokens"):
         PLMEncoder(load_model_config("tiny"), {**TOY_VOCAB, "category": 3}, list(TOY_NUMERIC))
+
+
+def test_rmsnorm_under_cpu_autocast_runs_in_fp32_without_the_fallback_warning():
+    """bf16-mixed on CPU hands RMSNorm bf16 activations with its fp32 weight: torch.rms_norm's
+    composite fallback warned on every call; the norm now runs in fp32 (CUDA autocast's policy)."""
+    import warnings
+
+    from plm.model.layers import make_norm
+
+    norm = make_norm("rmsnorm", 16, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = norm(x.to(torch.bfloat16))
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, norm(x.to(torch.bfloat16).float()))

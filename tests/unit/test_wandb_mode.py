@@ -15,3 +15,13 @@ def test_environment_overrides_the_config_with_a_note(monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "dryrun")
     capsys.readouterr()
     assert wandb_mode("offline") == "offline" and capsys.readouterr().out == ""
+
+
+def test_the_note_is_printed_by_rank_zero_only(monkeypatch, capsys):
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # what Lightning reads from RANK in a DDP worker
+    assert wandb_mode("online") == "offline" and capsys.readouterr().out == ""
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert wandb_mode("online") == "offline" and "overrides" in capsys.readouterr().out
