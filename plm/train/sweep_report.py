@@ -56,8 +56,12 @@ def collect(sweep_dir: Path, report: str = "report/report.json", probe: str = "e
             steps = int(json.loads(record.read_text())["global_step"])
         else:  # the CSV's steps are 0-based
             steps = int(max((x for v in s.values() for x, _ in v), default=-1)) + 1
+        resolved = run / ".hydra" / "config.yaml"
+        objective = (yaml.safe_load(resolved.read_text()) or {}).get("objective") if resolved.exists() else None
         rows.append({
             "run": run.name, "overrides": " ".join(overrides), "steps": steps,
+            "objective": json.dumps(objective, sort_keys=True) if objective else "",
+            "objective_name": (objective or {}).get("name", ""),
             "train_loss": last("train/loss"), "val_loss": last("val/loss"),
             "best_val_loss": min((v for _, v in s.get("val/loss", [])), default=float("nan")),
             "events_per_s": last("perf/events_per_s"), "curve": s.get("val/loss", []),
@@ -81,13 +85,26 @@ def write_report(rows: list[dict], out: Path, title: str, probe: str = "embeddin
     if common:
         lines += ["Every run: `" + " ".join(o for o in rows[0]["overrides"].split() if o in common) + "`", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["best_val_loss"] != r["best_val_loss"], r["best_val_loss"])):
+    # a loss is comparable only between runs of one objective: rows are grouped by objective (in
+    # the order of each group's best run), then sorted by best validation loss
+    def rank(r):
+        return (r["best_val_loss"] != r["best_val_loss"], r["best_val_loss"])
+
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=rank):
+        groups.setdefault(r.get("objective", ""), []).append(r)
+    for r in (r for g in groups.values() for r in g):
         cells = [r["run"], f"`{own[r['run']]}`" if own[r["run"]] else "", str(r["steps"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
                  f"{r['best_val_loss']:.4f}", f"{r['events_per_s']:.0f}"]
         for task in tasks:
             got = r.get("probe", {}).get(task)
             cells.append(f"{got[1]:.3f} [{got[2]:.3f}, {got[3]:.3f}]" if got else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    if len(groups) > 1:
+        names = [g[0].get("objective_name") or "?" for g in groups.values()]
+        lines += ["", f"The runs differ in their objective ({', '.join(names)}): a loss compares runs of one "
+                  "objective only, so rows are grouped by objective, then sorted by best validation loss."
+                  + (" Compare objectives by the task columns." if tasks else "")]
     if tasks:
         lines += ["", f"Task columns: `{probe}` from each run's plm-eval report (value [its bootstrap interval])."]
     (out / "README.md").write_text("\n".join(lines) + "\n")

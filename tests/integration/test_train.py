@@ -220,6 +220,15 @@ def test_sweep_report(prepared, tmp_path):
     md = (tmp_path / "experiments" / "kv" / "README.md").read_text()
     assert "n_kv_heads=0" in md and "n_kv_heads=1" in md
     assert (tmp_path / "experiments" / "kv" / "val_loss.png").exists()
+    assert "differ in their objective" not in md
+    # runs of different objectives (hydra's resolved config): their losses are not comparable,
+    # so rows are grouped by objective and the report says so
+    for i, name in [(0, "masked"), (1, "next")]:
+        (sweep / str(i) / ".hydra" / "config.yaml").write_text(f"objective:\n  name: {name}\n")
+    report([str(sweep), "--name", "kv", "--out", str(tmp_path / "experiments")])
+    md = (tmp_path / "experiments" / "kv" / "README.md").read_text()
+    assert "The runs differ in their objective (" in md and "masked" in md and "next" in md, md
+    assert "Compare objectives by the task columns." in md
 
 
 def test_activation_checkpointing_gives_the_same_losses(prepared, tmp_path):
