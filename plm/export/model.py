@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
                          f"(keys: {sorted(obj)[:8]})")
     if arch not in ("encoder", "decoder"):
         raise ValueError(f"checkpoint {p}: unknown arch {arch!r}")
+    mcfg = _inference_backend(dict(mcfg), p)
     cfg = model_config_from_dict(dict(mcfg))
     cls = PLMDecoder if arch == "decoder" else PLMEncoder
     model = cls(cfg, dict(vocab), list(numeric))
@@ -148,6 +150,26 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     model.eval()
     return LoadedModel(model, arch, dict(mcfg), {k: int(v) for k, v in vocab.items()}, list(numeric), str(p),
                        file_sha256(p), max_len, as_of_query, tok_sha)
+
+
+def _inference_backend(mcfg: dict, path: Path) -> dict:
+    """A model trained with attention.backend=xformers (CUDA kernels only) is embedded with SDPA
+    where xformers cannot run (no CUDA device, or the package missing): the backend is how
+    attention is computed, not what, so the weights give the same vectors. Said once, on stderr."""
+    att = dict(mcfg.get("attention") or {})
+    if att.get("backend") != "xformers":
+        return mcfg
+    try:
+        import xformers.ops  # noqa: F401, PLC0415
+
+        usable = torch.cuda.is_available()
+    except ImportError:
+        usable = False
+    if usable:
+        return mcfg
+    print(f"plm: {path} was trained with attention.backend=xformers, which needs CUDA and the xformers "
+          "package; this process computes the same attention with sdpa", file=sys.stderr)
+    return {**mcfg, "attention": {**att, "backend": "sdpa"}}
 
 
 def split_pooling(pooling: str) -> list[str]:

@@ -57,6 +57,13 @@ def check_config(cfg: TrainConfig) -> None:
             f"num_nodes={t.num_nodes}) but no CUDA device is visible on this machine. Use trainer=cpu "
             "(or trainer=ddp / trainer=fsdp with trainer.accelerator=cpu trainer.precision=32-true for gloo on CPU)."
         )
+    backend = cfg.model.attention.backend
+    if t.accelerator == "cpu" and backend in ("flex", "xformers"):
+        why = ("has no CPU kernels" if backend == "xformers"
+               else "runs forward-only on CPU (FlexAttention has no CPU backward)")
+        raise ValueError(f"model.attention.backend={backend} {why}, and trainer.accelerator=cpu trains on CPU: "
+                         "use model.attention.backend=sdpa (the same attention; plm-export runs a model "
+                         "trained with either on CPU)")
     if t.strategy == "fsdp2" and t.accelerator == "cpu" and t.precision.startswith("16"):
         raise ValueError("trainer.precision=16-mixed is not supported on CPU; use 32-true or bf16-mixed")
     cfg.data.validate()

@@ -139,6 +139,14 @@ def test_gpu_configs_fail_clearly_on_cpu(prepared, tmp_path, trainer):
         train(cfg)
 
 
+@pytest.mark.parametrize("backend", ["flex", "xformers"])
+def test_gpu_attention_backends_fail_clearly_when_training_on_cpu(prepared, tmp_path, backend):
+    cfg = make_cfg(prepared, tmp_path / backend, f"model.attention.backend={backend}")
+    with pytest.raises(ValueError, match=f"model.attention.backend={backend} .* use model.attention.backend=sdpa"):
+        train(cfg)
+    assert not (tmp_path / backend).exists()  # refused before the run folder
+
+
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
 def test_multi_device_configs_compose(prepared, tmp_path, trainer):
     cfg = make_cfg(prepared, tmp_path / trainer, f"trainer={trainer}")

@@ -392,3 +392,26 @@ def test_compiled_embedder_is_one_graph(over, pooling):
             ex = torch._dynamo.explain(emb)(b)
         assert ex.graph_break_count == 0, [str(r.reason)[:200] for r in ex.break_reasons]
         assert ex.graph_count == 1
+
+
+def test_a_model_trained_with_xformers_embeds_with_sdpa_where_xformers_cannot_run(tmp_path, capsys):
+    """xformers has no CPU kernels: a checkpoint trained with it loads here with sdpa, says so,
+    and gives the vectors of the same weights computed with sdpa."""
+    from dataclasses import asdict
+
+    from plm.export.model import load_checkpoint
+
+    cfg = ModelConfig(d_model=32, n_layers=1)
+    cfg.attention.n_heads = 2
+    model = PLMEncoder(cfg.validate(), VOCAB, NUMERIC).eval()
+    mcfg = asdict(cfg)
+    mcfg["attention"]["backend"] = "xformers"
+    path = tmp_path / "final.pt"
+    torch.save({"model": model.state_dict(), "model_config": mcfg, "vocab_sizes": VOCAB,
+                "numeric_fields": NUMERIC, "arch": "encoder"}, path)
+    loaded = load_checkpoint(path)
+    assert "trained with attention.backend=xformers" in capsys.readouterr().err
+    assert loaded.model_config["attention"]["backend"] == "sdpa"
+    b = padded(random_batch(VOCAB, NUMERIC, B=3, T=9, seed=1), [9, 5, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(b).pooled, model(b).pooled)
