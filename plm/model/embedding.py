@@ -135,7 +135,7 @@ class EventEmbedding(nn.Module):
         out = {}
         for f, enc in self.values.items():
             real = batch[f] >= N_SPECIALS  # a fitted bin: the value is meaningful
-            val = torch.where(real, batch[value_key(f)].float(), torch.zeros((), device=real.device))
+            val = torch.where(real, batch[value_key(f)].to(self.table.weight.dtype), torch.zeros((), device=real.device))
             out[f] = enc(val) * real[..., None]
         return out
 

@@ -566,3 +566,13 @@ def test_rmsnorm_under_cpu_autocast_runs_in_fp32_without_the_fallback_warning():
             y = norm(x.to(torch.bfloat16))
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, norm(x.to(torch.bfloat16).float()))
+
+
+def test_a_bf16_model_runs_on_float32_value_columns():
+    """trainer.precision=bf16-true casts the weights to bf16: the numeric value columns (float32
+    in the batch) are cast to the weights' dtype, not to float32 (a dtype error before)."""
+    cfg = ModelConfig(d_model=32, n_layers=1)
+    cfg.attention.n_heads = 2
+    model = PLMEncoder(cfg.validate(), TOY_VOCAB, TOY_NUMERIC).to(torch.bfloat16)
+    out = model(random_batch(B=2, T=6))
+    assert out.pooled.dtype == torch.bfloat16 and torch.isfinite(out.pooled.float()).all()
