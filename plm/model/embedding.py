@@ -65,9 +65,13 @@ class EventEmbedding(nn.Module):
                  attention: AttentionConfig | None = None):
         super().__init__()
         excluded = set(split_names(cfg.exclude_fields))
-        unknown = (excluded | set(numeric_fields)) - set(field_vocab_sizes)
+        unknown = sorted(excluded - set(field_vocab_sizes))
         if unknown:
-            raise ValueError(f"fields {sorted(unknown)} are not in field_vocab_sizes")
+            raise ValueError(f"embedding.exclude_fields names fields {unknown} that are not in the data "
+                             f"(fields: {', '.join(field_vocab_sizes)})")
+        unknown = sorted(set(numeric_fields) - set(field_vocab_sizes))
+        if unknown:
+            raise ValueError(f"numeric fields {unknown} are not in field_vocab_sizes")
         self.cfg = cfg
         self.fields = [f for f in field_vocab_sizes if f not in excluded]
         if not self.fields:

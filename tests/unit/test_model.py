@@ -349,6 +349,8 @@ def test_embedding_specials_padding_and_numeric_modes():
     assert "merchant" not in e.fields and "merchant" not in e.offsets
     with pytest.raises(ValueError, match="not in field_vocab_sizes"):
         EventEmbedding(TOY_VOCAB, ["nope"], 16, EmbeddingConfig())
+    with pytest.raises(ValueError, match=r"exclude_fields names fields \['merchnt'\] that are not in the data \(fields: "):
+        EventEmbedding(TOY_VOCAB, list(TOY_NUMERIC), 16, EmbeddingConfig(exclude_fields="merchnt"))
 
 
 # ----------------------------------------------------------------------------- gradients, MoE, overfit
