@@ -128,8 +128,9 @@ def check_raw_config(cfg: ExportConfig) -> None:
         if cfg.spark != ExportConfig().spark:
             given.append("spark")
         if given:
-            raise ValueError(f"{', '.join(given)}: options of raw=DIR (embedding raw tables with Spark); "
-                             "without raw= plm-export reads data='s prepared shards")
+            raise ValueError(f"{', '.join(given)}: only for raw=DIR (raw tables embedded with Spark); without raw=, "
+                             "plm-export embeds the prepared shards of data=, cut off where plm-prep cut them "
+                             "(its manifest's cutoff): drop " + ", ".join(given))
         return
     if cfg.format != "parquet":
         raise ValueError("raw=DIR writes embeddings (format=parquet); export the ONNX graph from data= alone")
@@ -162,6 +163,13 @@ def check_config(cfg: ExportConfig) -> None:
     if cfg.index not in INDEXES:
         raise ValueError(f"index={cfg.index!r} is not one of {INDEXES}")
     split_pooling(cfg.pooling)  # names a bad part before anything loads
+    from plm.data.schema import SPLITS
+
+    wanted = [x.strip() for x in cfg.splits.split(",") if x.strip()]
+    bad = [x for x in wanted if x not in SPLITS]
+    if bad or not wanted:
+        raise ValueError(f"splits={cfg.splits!r}: " + (f"unknown {bad}; " if bad else "names no split; ")
+                         + f"a comma list of {', '.join(SPLITS)} (quoted on the command line: \"splits='train,val'\")")
     if cfg.format == "onnx" and cfg.trainer.compile:
         raise ValueError("trainer.compile=true compiles the eager model for format=parquet; format=onnx traces "
                          "the eager model (ONNX Runtime does its own graph optimisation): drop trainer.compile")

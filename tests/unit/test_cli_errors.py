@@ -152,3 +152,15 @@ def test_pipeline_checks_the_label_file_before_any_stage(tmp_path):
         (tmp_path / "out" / "x").write_text("x")
         run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), stages=["prep"],
                                     eval=EvalConfig(tasks=["ato"])))
+
+
+def test_export_names_an_unknown_split_before_anything_loads():
+    from plm.export.config import ExportConfig
+    from plm.export.run import check_config
+
+    base = {"ckpt": "c", "data": "d", "out": "o"}
+    check_config(ExportConfig(**base, splits="test, val"))
+    for splits, msg in [("tset", r"splits='tset': unknown \['tset'\]; a comma list of train, val, test"),
+                        (",", "names no split")]:
+        with pytest.raises(ValueError, match=msg):
+            check_config(ExportConfig(**base, splits=splits))

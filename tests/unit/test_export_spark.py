@@ -68,9 +68,9 @@ def test_raw_options_are_checked():
     base = {"ckpt": "c", "data": "d", "out": "o"}
     check_raw_config(ExportConfig(**base))
     check_raw_config(ExportConfig(**base, raw="r", cutoff="2024-06-29T00:00:00Z", partitions=8, quantize="int8"))
-    for kw, msg in [({"cutoff": "2024-06-29T00:00:00Z"}, "cutoff: options of raw=DIR"),
-                    ({"partitions": 4}, "partitions: options of raw=DIR"),
-                    ({"spark": SparkConfig(master="yarn")}, "spark: options of raw=DIR"),
+    for kw, msg in [({"cutoff": "2024-06-29T00:00:00Z"}, "cutoff: only for raw=DIR"),
+                    ({"partitions": 4}, "partitions: only for raw=DIR"),
+                    ({"spark": SparkConfig(master="yarn")}, "spark: only for raw=DIR"),
                     ({"raw": "r", "format": "onnx"}, "raw=DIR writes embeddings"),
                     ({"raw": "r", "index": "flat"}, "index="),
                     ({"raw": "r", "splits": "test"}, "no splits"),
