@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -408,6 +409,7 @@ def encode_raw(
     ts_max: str = "2100-01-01T00:00:00Z",
     max_events: int = 512,
     stride: int = 256,
+    accounting: dict | None = None,
 ) -> pa.Table:
     """Raw contract tables of some users (any subset of sources) -> windows of token ids.
 
@@ -415,7 +417,9 @@ def encode_raw(
     table whose schema breaks the raw contract raises `ContractError` naming the source, column
     and expected type, as plm-prep does for a file; invalid rows and duplicates are dropped here
     (use `clean_source` to see them). Events at or after `cutoff` are excluded. Rows are ordered
-    by (user_id, window_index).
+    by (user_id, window_index). `accounting`, a dict, receives per source what plm-prep's
+    manifest says: `input_rows = kept_rows + quarantined_total + duplicate_rows`, the count per
+    quarantine reason, and the kept rows at or after the cut-off (`after_cutoff_rows`).
     """
     unknown = sorted(set(tables) - set(RAW_SOURCES))
     if unknown:
@@ -430,10 +434,19 @@ def encode_raw(
                 t = t.set_column(i, c.name, pa.nulls(t.num_rows, c.type))
         check_file_schema(source, f"tables['{source}']", t.schema)
         if t.num_rows == 0:
+            if accounting is not None:
+                accounting[source] = {"input_rows": 0, "kept_rows": 0, "duplicate_rows": 0, "quarantined_rows": {},
+                                      "quarantined_total": 0, "after_cutoff_rows": 0}
             continue
-        k, _, _ = clean_source(t, source, ts_min, ts_max)
+        k, q, n_dup = clean_source(t, source, ts_min, ts_max)
+        n_kept = k.num_rows
         if cutoff is not None:
             k = k.filter(pc.less(k.column("ts").cast(pa.int64()), iso_us(cutoff)))
+        if accounting is not None:
+            reasons = dict(Counter(q.column("reason").to_pylist()))
+            accounting[source] = {"input_rows": t.num_rows, "kept_rows": n_kept, "duplicate_rows": n_dup,
+                                  "quarantined_rows": reasons, "quarantined_total": q.num_rows,
+                                  "after_cutoff_rows": n_kept - k.num_rows}
         if k.num_rows:
             kept[source] = k
     if not kept:

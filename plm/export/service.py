@@ -9,8 +9,10 @@ through `plm.data.tokenizer.encode_raw`, the pure-Python twin of `plm-prep` (sam
 duplicate removal, merge order, features, token ids and windows, with the prepared folder's
 `tokenizer.json` and window settings), then through the same `Embedder` and the same bucketed
 batches as `plm-export`: a user's vector equals the batch export's for the same events and
-cut-off (tested). Invalid rows are dropped here as plm-prep quarantines them; a user with no
-valid event before the cut-off has no row, and `missing_users` says which.
+cut-off (tested). Invalid rows are dropped here as plm-prep quarantines them, and
+`accounting` says how many of each source's rows were kept, quarantined (per reason), duplicates
+or at/after the cut-off (plm-prep's manifest accounting); a user with no valid event before the
+cut-off has no row, and `missing_users` says which.
 
 At scale (hundreds of millions of users) run this where the data lives:
 `plm.export.spark.embed_raw_spark` calls `embed_raw` on the executors of a Spark job over raw
@@ -64,6 +66,7 @@ class UserEmbedder:
         elif quantize != "none":
             raise ValueError(f"quantize={quantize!r} is not one of none, int8")
         self.missing_users: list[str] = []
+        self.accounting: dict[str, dict] = {}  # of the last embed_raw call, per source (see encode_raw)
 
     @classmethod
     def from_files(cls, ckpt: str, data: str, **kw) -> UserEmbedder:
@@ -106,9 +109,11 @@ class UserEmbedder:
         for t in tables.values():
             if t is not None and "user_id" in t.column_names:
                 users.update(u for u in pc.unique(t.column("user_id")).to_pylist() if u is not None)
+        self.accounting = {}
         try:
             windows = encode_raw(tables, self.tokenizer, cutoff=cutoff, ts_min=self.ts_min,
-                                 ts_max=cutoff or "2100-01-01T00:00:00Z", max_events=self.max_events, stride=self.stride)
+                                 ts_max=cutoff or "2100-01-01T00:00:00Z", max_events=self.max_events, stride=self.stride,
+                                 accounting=self.accounting)
         except ValueError as e:
             if "no valid events" not in str(e):
                 raise

@@ -106,6 +106,11 @@ def test_spark_free_raw_path_equals_batch_export(world):
     b = np.stack(want.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert got.column("n_events").to_pylist() == want.column("n_events").to_pylist()
+    # every input row is accounted for, as in the manifest (kept + quarantined + duplicates)
+    assert set(svc.accounting) == {"payments", "logins", "orders"}
+    for source, acc in svc.accounting.items():
+        assert acc["input_rows"] == tables[source].num_rows
+        assert acc["input_rows"] == acc["kept_rows"] + acc["quarantined_total"] + acc["duplicate_rows"], source
 
 
 def test_partial_rerun_keeps_the_earlier_stage_records(world):

@@ -203,3 +203,24 @@ def test_encode_raw_checks_the_contract_like_plm_prep():
     loose = pa.Table.from_pylist(rows)
     assert pa.types.is_null(loose.schema.field("mcc").type)
     assert encode_raw({"payments": loose}, _tokenizer()).column("mcc").to_pylist() == [[MISSING]]
+
+
+def test_encode_raw_accounts_for_every_row_as_the_manifest_does():
+    """Rows the Spark-free path drops are counted, per source and reason, as plm-prep's manifest
+    counts them: input = kept + quarantined + duplicates; kept rows after the cut-off apart."""
+    good = payment("p1", "u1", ts(1), amount=10.0, merchant_id="m2")
+    tables = {
+        "payments": source_table("payments", [
+            good, good,  # an exact duplicate
+            payment("p2", "u1", ts(2), amount=-3.0, merchant_id="m2"),  # amount_invalid
+            payment("p3", "u2", ts(9), amount=4.0, merchant_id="m1"),  # at/after the cut-off
+        ]),
+        "logins": source_table("logins", []),
+    }
+    acc: dict = {}
+    encode_raw(tables, _tokenizer(), cutoff="2024-01-05T00:00:00Z", accounting=acc)
+    p = acc["payments"]
+    assert (p["input_rows"], p["kept_rows"], p["duplicate_rows"], p["quarantined_total"]) == (4, 2, 1, 1)
+    assert p["quarantined_rows"] == {"amount_invalid": 1} and p["after_cutoff_rows"] == 1
+    assert p["input_rows"] == p["kept_rows"] + p["quarantined_total"] + p["duplicate_rows"]
+    assert acc["logins"]["input_rows"] == 0 and "orders" not in acc
