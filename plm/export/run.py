@@ -537,11 +537,18 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
     staging.mkdir()
     t0 = time.perf_counter()
     sources = {s: read_source(spark, s, files) for s, files in present.items()}
-    identity, files, shared = write_raw_spark(sources, cfg.ckpt, cfg.data, cutoff, staging.uri,
+    identity, files, shared, accounting = write_raw_spark(sources, cfg.ckpt, cfg.data, cutoff, staging.uri,
                                       partitions=cfg.partitions or None, rows_per_call=cfg.rows_per_call,
                                       pooling=cfg.pooling, normalize=cfg.normalize, quantize=cfg.quantize,
                                       max_len=cfg.max_len, max_tokens=cfg.max_tokens)
     wall = time.perf_counter() - t0
+    for source, acc in ((s, accounting[s]) for s in inputs if s in accounting):  # as plm-prep logs it
+        q = acc["quarantined_total"]
+        reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(acc["quarantined_rows"].items()) if n)
+        print(f"plm-export: {source}: {acc['input_rows']:,} in = {acc['kept_rows']:,} kept + {q:,} quarantined"
+              + (f" ({reasons})" if reasons else "") + f" + {acc['duplicate_rows']:,} duplicates"
+              + (f"; {acc['after_cutoff_rows']:,} kept at or after the cut-off, left out" if acc["after_cutoff_rows"] else ""),
+              flush=True)
     kept = {f["path"] for f in files}
     for path in staging.list_files(".parquet", recursive=False):
         if path not in kept:  # a failed or speculative task attempt's file
@@ -568,7 +575,8 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
         "inputs": {"raw": cfg.raw, "data": cfg.data, "ckpt": cfg.ckpt, "cutoff": cutoff,
                    "spark_master": cfg.spark.master, "max_tokens": dm.config.max_tokens,
                    "sources": {s: {"files": len(f), "rows": sum(x.rows for x in f),
-                                   "shared_event_ids_left_out": shared.get(s, 0)} for s, f in inputs.items()}},
+                                   "shared_event_ids_left_out": shared.get(s, 0),
+                                   "accounting": accounting.get(s)} for s, f in inputs.items()}},
         "outputs": {"path": cfg.out, "parts": [{"path": n, "rows": r} for n, r in parts], "users": users,
                     "events": events, "dim": identity["dim"]},
         "identity": identity,

@@ -94,9 +94,11 @@ def write_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, staging_ur
     """As `embed_raw_spark`, but each task writes its users straight into `staging_uri` (a
     folder every executor can write, as a pyarrow filesystem URI) in the batch export's exact
     schema (`fixed_size_list<float32>[d]`, the identity repeated in the schema metadata), which
-    Spark's Parquet writer cannot produce. Returns (identity, files, shared): `files`, one dict
-    per written file of a successful task attempt (path, partition, rows, events); `shared`,
-    {source: how many event_ids valid rows of two users shared (their rows left out)}. Files of
+    Spark's Parquet writer cannot produce. Returns (identity, files, shared, accounting): `files`,
+    one dict per written file of a successful task attempt (path, partition, rows, events);
+    `shared`, {source: how many event_ids valid rows of two users shared (their rows left out)};
+    `accounting`, {source: what happened to the rows the tasks embedded, as `encode_raw` counts
+    them: kept, quarantined per reason, duplicates, after the cut-off}. Files of
     failed or speculative attempts are the caller's to delete (`plm-export raw=` does)."""
     plan = _plan(sources, ckpt, data, cutoff, partitions, rows_per_call, opts)
     key, names, identity = plan["key"], plan["names"], plan["identity"]
@@ -105,8 +107,13 @@ def write_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, staging_ur
     def write(batches):
         yield from _write_partition(batches, key, names, cutoff, rows_per_call, staging_uri, ident_json, dim)
 
-    rows = plan["ordered"].mapInArrow(write, "path string, partition int, rows long, events long").collect()
-    return identity, sorted((r.asDict() for r in rows), key=lambda r: r["partition"]), plan["shared_event_ids"]
+    rows = plan["ordered"].mapInArrow(write, "path string, partition int, rows long, events long, accounting string")
+    rows = sorted((r.asDict() for r in rows.collect()), key=lambda r: r["partition"])
+    accounting: dict = {}
+    for r in rows:
+        add_accounting(accounting, json.loads(r.pop("accounting")))
+    files = [r for r in rows if r["path"] is not None]
+    return identity, files, plan["shared_event_ids"], accounting
 
 
 def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | None, rows_per_call: int,
@@ -311,9 +318,10 @@ def _worker_embedder(key: tuple):
     return emb
 
 
-def _embedded_tables(batches, key: tuple, names: tuple, cutoff: str, rows_per_call: int):
+def _embedded_tables(batches, key: tuple, names: tuple, cutoff: str, rows_per_call: int, acc: dict | None = None):
     """Arrow batches of one partition, sorted by user_id -> embed_raw tables (user_id, embedding
-    fixed_size_list, n_events), one per call of about rows_per_call rows, cut between users."""
+    fixed_size_list, n_events), one per call of about rows_per_call rows, cut between users;
+    `acc` sums the calls' accountings (`add_accounting`)."""
     emb = None
     pending: list[pa.RecordBatch] = []
     rows = 0
@@ -331,14 +339,14 @@ def _embedded_tables(batches, key: tuple, names: tuple, cutoff: str, rows_per_ca
         if start <= 0:  # one user so far: keep reading
             continue
         emb = emb or _worker_embedder(key)
-        out = _embed_rows(emb, table.slice(0, start), names, cutoff)
+        out = _embed_rows(emb, table.slice(0, start), names, cutoff, acc)
         if out is not None:
             yield out
         tail = table.slice(start)
         pending, rows = tail.to_batches(), tail.num_rows
     if rows:
         emb = emb or _worker_embedder(key)
-        out = _embed_rows(emb, pa.Table.from_batches(pending), names, cutoff)
+        out = _embed_rows(emb, pa.Table.from_batches(pending), names, cutoff, acc)
         if out is not None:
             yield out
 
@@ -354,7 +362,9 @@ def _embed_partition(batches, key: tuple, names: tuple, cutoff: str, rows_per_ca
 def _write_partition(batches, key: tuple, names: tuple, cutoff: str, rows_per_call: int, staging_uri: str,
                      ident_json: str, dim: int):
     """The embedded tables written by this task attempt into one Parquet file of the batch
-    export's schema; yields one row (path, partition, rows, events) if it wrote any user."""
+    export's schema; yields one row (path, partition, rows, events, accounting) if the partition
+    had any row: `path` is null when no user of it had a valid event before the cut-off, and
+    `accounting` (JSON) counts its input rows as `encode_raw` does."""
     import pyarrow.parquet as pq
     from pyspark import TaskContext
 
@@ -368,8 +378,9 @@ def _write_partition(batches, key: tuple, names: tuple, cutoff: str, rows_per_ca
     loc = Location.of(staging_uri).child(f"attempt-{part:05d}-{attempt}.parquet")
     stream = writer = None
     rows = events = 0
+    acc: dict = {}
     try:
-        for out in _embedded_tables(batches, key, names, cutoff, rows_per_call):
+        for out in _embedded_tables(batches, key, names, cutoff, rows_per_call, acc):
             if writer is None:
                 stream = loc.fs.open_output_stream(loc.path)
                 writer = pq.ParquetWriter(stream, schema)
@@ -384,12 +395,14 @@ def _write_partition(batches, key: tuple, names: tuple, cutoff: str, rows_per_ca
             writer.close()
         if stream is not None:
             stream.close()
-    if rows:
-        yield pa.RecordBatch.from_pydict({"path": [loc.path], "partition": pa.array([part], pa.int32()),
-                                          "rows": pa.array([rows], pa.int64()), "events": pa.array([events], pa.int64())})
+    if rows or acc:
+        yield pa.RecordBatch.from_pydict({"path": pa.array([loc.path if rows else None], pa.string()),
+                                          "partition": pa.array([part], pa.int32()),
+                                          "rows": pa.array([rows], pa.int64()), "events": pa.array([events], pa.int64()),
+                                          "accounting": pa.array([json.dumps(acc, sort_keys=True)], pa.string())})
 
 
-def _embed_rows(emb, table: pa.Table, names: tuple, cutoff: str) -> pa.Table | None:
+def _embed_rows(emb, table: pa.Table, names: tuple, cutoff: str, acc: dict | None = None) -> pa.Table | None:
     src = table.column(_SRC)
     tables = {}
     for name in names:
@@ -399,4 +412,18 @@ def _embed_rows(emb, table: pa.Table, names: tuple, cutoff: str) -> pa.Table | N
     if not tables:
         return None
     out = emb.embed_raw(tables, cutoff=cutoff)
+    if acc is not None:
+        add_accounting(acc, emb.accounting)
     return out if out.num_rows else None
+
+
+def add_accounting(total: dict, part: dict) -> dict:
+    """Sum `encode_raw` accountings ({source: counts}) into `total` (in place; also returned)."""
+    for source, a in part.items():
+        t = total.setdefault(source, {"input_rows": 0, "kept_rows": 0, "duplicate_rows": 0, "quarantined_rows": {},
+                                      "quarantined_total": 0, "after_cutoff_rows": 0})
+        for k in ("input_rows", "kept_rows", "duplicate_rows", "quarantined_total", "after_cutoff_rows"):
+            t[k] += int(a[k])
+        for reason, n in a["quarantined_rows"].items():
+            t["quarantined_rows"][reason] = t["quarantined_rows"].get(reason, 0) + int(n)
+    return total

@@ -215,6 +215,15 @@ def test_plm_export_raw_mode(world, spark, tmp_path):
     assert rec["inputs"]["max_tokens"] == 4096  # the CPU budget of the tiny model, as the executors use
     assert rec["inputs"]["sources"]["logins"]["shared_event_ids_left_out"] == 1
     assert rec["inputs"]["sources"]["payments"]["shared_event_ids_left_out"] == 0
+    # every row the executors embedded is accounted for, and they kept and quarantined what
+    # plm-prep did (its conflicting_event_id rows were left out before, as shared ids)
+    manifest = json.loads((out / "prepared" / "manifest.json").read_text())["accounting"]
+    for source, src in rec["inputs"]["sources"].items():
+        acc, want = src["accounting"], manifest[source]
+        assert acc["input_rows"] == acc["kept_rows"] + acc["quarantined_total"] + acc["duplicate_rows"], source
+        assert acc["kept_rows"] == want["kept_rows"], source
+        assert {r: n for r, n in acc["quarantined_rows"].items() if n} == \
+            {r: n for r, n in want["quarantined_rows"].items() if n and r != "conflicting_event_id"}, source
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_export(cfg)
     cfg.overwrite, cfg.cutoff = True, "1995-01-01T00:00:00Z"

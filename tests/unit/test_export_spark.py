@@ -14,10 +14,14 @@ class _Recorder:
 
     def __init__(self):
         self.calls: list[tuple[list[str], int]] = []
+        self.accounting: dict = {}
 
     def embed_raw(self, tables, cutoff):
         users = sorted({u for t in tables.values() for u in t.column("user_id").to_pylist()})
         self.calls.append((users, sum(t.num_rows for t in tables.values())))
+        self.accounting = {s: {"input_rows": t.num_rows, "kept_rows": t.num_rows - 1, "duplicate_rows": 0,
+                               "quarantined_rows": {"null_ts": 1}, "quarantined_total": 1, "after_cutoff_rows": 0}
+                           for s, t in tables.items()}
         n = len(users)
         return pa.table({"user_id": users,
                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array([0.5] * (2 * n), pa.float32()), 2),
@@ -112,6 +116,10 @@ def test_write_partition_writes_the_batch_schema(monkeypatch, tmp_path):
     assert t.schema.equals(pq.read_schema(tmp_path / "ref.parquet"), check_metadata=True)
     assert json.loads(t.schema.metadata[METADATA_KEY]) == ident
     assert t.column("user_id").to_pylist() == [f"u{i:04d}" for i in range(len(sizes))]
+    # the partition's accounting: every input row of every call counted, per source
+    acc = json.loads(row.column("accounting")[0].as_py())
+    assert sum(a["input_rows"] for a in acc.values()) == sum(sizes)
+    assert acc["payments"]["quarantined_rows"] == {"null_ts": len(rec.calls)}
     assert list(sp._write_partition(iter([]), ("k", ()), ("payments",), "2024-01-01T00:00:00Z", 20,
                                     str(tmp_path / "empty"), json.dumps(ident), 2)) == []
     assert not (tmp_path / "empty").exists()
