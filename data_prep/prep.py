@@ -176,7 +176,14 @@ def spark_session(spark_cfg):
     builder = SparkSession.builder.master(spark_cfg.master).appName(spark_cfg.app_name)
     for k, v in session_conf(spark_cfg).items():
         builder = builder.config(k, v)
-    spark = builder.getOrCreate()
+    try:
+        spark = builder.getOrCreate()
+    except Exception as e:  # noqa: BLE001 - a py4j error from deep in the JVM: say what failed
+        first = next((ln.strip(": ") for ln in str(e).splitlines() if ln.strip(": ")), type(e).__name__)
+        raise ConnectionError(
+            f"Spark could not start a session with spark.master={spark_cfg.master!r} ({first[:200]}): check the "
+            "master URL and that the cluster answers (Spark's log lines above say why); 'local[*]' runs here"
+        ) from None
     spark.sparkContext.setLogLevel(spark_cfg.log_level)
     # py4j logs its connection life at INFO, which reaches the CLI's root handler: a stray
     # "Closing down clientserver connection" after the job's last line, and at interpreter exit

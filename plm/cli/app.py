@@ -98,11 +98,12 @@ class _NoTips:
 
 @contextlib.contextmanager
 def cli_errors(prog: str) -> Iterator[None]:
-    """Bad input or config (ValueError, ContractError among them; a missing or existing path)
-    ends the CLI in one line naming it, exit code 2; `HYDRA_FULL_ERROR=1` keeps the stack trace."""
+    """Bad input or config (ValueError, ContractError among them; a missing or existing path; a
+    Spark master that does not answer, ConnectionError) ends the CLI in one line naming it, exit
+    code 2; `HYDRA_FULL_ERROR=1` keeps the stack trace."""
     try:
         yield
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+    except (FileExistsError, FileNotFoundError, ValueError, ConnectionError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{prog}: error: {e}\n(set HYDRA_FULL_ERROR=1 for the stack trace)", file=sys.stderr)

@@ -101,6 +101,20 @@ def test_given_tokenizer_is_applied_not_refitted(world, tmp_path, spark, prep_co
     assert not (tmp_path / "x").exists()
 
 
+def test_a_spark_master_that_cannot_start_is_one_line(tmp_path):
+    """A master URL Spark cannot use ends plm-prep with one line naming it (a py4j stack trace
+    from inside the JVM before), and nothing is written."""
+    from conftest import payment, source_table, ts
+
+    (tmp_path / "raw" / "payments").mkdir(parents=True)
+    pq.write_table(source_table("payments", [payment("p1", "u1", ts(1))]), tmp_path / "raw" / "payments" / "p.parquet")
+    p = run("plm-prep", f"raw={tmp_path / 'raw'}", f"out={tmp_path / 'o'}", "spark.master=nonsense", check=False)
+    last = p.stderr.strip().splitlines()[-2]
+    assert p.returncode == 2 and last.startswith("plm-prep: error: Spark could not start a session with "
+                                                 "spark.master='nonsense'"), p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()
+
+
 def test_bad_overrides_fail_with_a_message_naming_them(tmp_path):
     p = run("plm-prep", "raw=x", "out=y", "max_evnts=3", check=False)
     assert p.returncode != 0 and "max_evnts" in p.stderr, (p.returncode, p.stderr[-3000:])
