@@ -182,7 +182,8 @@ def spark_session(spark_cfg):
         first = next((ln.strip(": ") for ln in str(e).splitlines() if ln.strip(": ")), type(e).__name__)
         raise ConnectionError(
             f"Spark could not start a session with spark.master={spark_cfg.master!r} ({first[:200]}): check the "
-            "master URL and that the cluster answers (Spark's log lines above say why); 'local[*]' runs here"
+            "master URL, that Java 17+ runs here (java -version, JAVA_HOME) and that the cluster answers; "
+            "Spark's log lines above say why ('local[*]' needs no cluster)"
         ) from None
     spark.sparkContext.setLogLevel(spark_cfg.log_level)
     # py4j logs its connection life at INFO, which reaches the CLI's root handler: a stray
