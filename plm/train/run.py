@@ -128,6 +128,19 @@ def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def _start_wandb_online(wandb_logger) -> None:
+    """Start the online wandb run before training, so that a missing API key or an unreachable
+    server fails at once with one line (wandb's own error surfaced from inside Trainer.fit)."""
+    import wandb
+
+    try:
+        wandb_logger.experiment  # noqa: B018 - wandb.init, on rank 0
+    except wandb.errors.Error as e:
+        raise ValueError(f"logger.wandb_mode=online: wandb could not start a run ({e}); log in (`wandb login` or "
+                         "WANDB_API_KEY), or train with logger.wandb_mode=offline and `wandb sync` the run "
+                         "folder's wandb/ later") from None
+
+
 def wandb_mode(configured: str) -> str:
     """The wandb mode a run uses: WANDB_MODE from the environment when set (it overrides
     logger.wandb_mode, with a note; `dryrun` is wandb's old name of `offline`), else the config's."""
@@ -210,6 +223,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         init = getattr(wandb_logger, "_wandb_init", None)
         if isinstance(init, dict) and init.get("anonymous") is None:
             init.pop("anonymous", None)
+        if mode == "online" and _is_rank_zero():
+            _start_wandb_online(wandb_logger)
         loggers.append(wandb_logger)
 
     ckpt_dir = run_dir / "checkpoints"

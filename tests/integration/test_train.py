@@ -139,6 +139,19 @@ def test_gpu_configs_fail_clearly_on_cpu(prepared, tmp_path, trainer):
         train(cfg)
 
 
+def test_wandb_online_without_a_key_fails_before_training(prepared, tmp_path, monkeypatch):
+    """logger.wandb_mode=online with no API key: one ValueError naming the fix, before any step
+    (wandb's UsageError came from inside Trainer.fit). HOME is empty: no ~/.netrc key."""
+    for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
+    cfg = make_cfg(prepared, tmp_path / "run", "logger=wandb", "logger.wandb_mode=online")
+    with pytest.raises(ValueError, match=r"logger.wandb_mode=online: wandb could not start a run .*wandb login"):
+        train(cfg)
+    assert not (tmp_path / "run" / "csv" / "metrics.csv").exists()  # no step ran
+
+
 @pytest.mark.parametrize("backend", ["flex", "xformers"])
 def test_gpu_attention_backends_fail_clearly_when_training_on_cpu(prepared, tmp_path, backend):
     cfg = make_cfg(prepared, tmp_path / backend, f"model.attention.backend={backend}")
