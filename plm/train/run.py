@@ -151,6 +151,19 @@ def wandb_mode(configured: str) -> str:
     return env or configured
 
 
+def _check_resume(ckpt_path: str, run_dir: Path) -> None:
+    """ckpt_path=last needs this run folder's checkpoints/last.ckpt; a local path must exist.
+    Said before anything loads (Lightning's "Checkpoint file not found" came after the model
+    and data were set up, and without the fix)."""
+    if ckpt_path == "last":
+        if not (run_dir / "checkpoints" / "last.ckpt").exists():
+            raise FileNotFoundError(
+                f"ckpt_path=last resumes the run folder's checkpoints/last.ckpt, and {run_dir} has none: pass the "
+                "earlier run's folder (run_dir=RUN or hydra.run.dir=RUN), or ckpt_path=RUN/checkpoints/last.ckpt")
+    elif ckpt_path and "://" not in ckpt_path and not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+
+
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -171,6 +184,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     check_config(cfg)
     t = cfg.trainer
     run_dir = resolve_run_dir(cfg)
+    _check_resume(cfg.ckpt_path, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -139,6 +139,14 @@ def test_gpu_configs_fail_clearly_on_cpu(prepared, tmp_path, trainer):
         train(cfg)
 
 
+def test_resume_from_a_missing_checkpoint_says_how(prepared, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last resumes the run folder's checkpoints/last.ckpt, "
+                                                r"and .*fresh has none: pass the earlier run's folder"):
+        train(make_cfg(prepared, tmp_path / "fresh", "ckpt_path=last"))
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*nope.ckpt does not exist"):
+        train(make_cfg(prepared, tmp_path / "fresh", f"ckpt_path={tmp_path / 'nope.ckpt'}"))
+
+
 def test_wandb_online_without_a_key_fails_before_training(prepared, tmp_path, monkeypatch):
     """logger.wandb_mode=online with no API key: one ValueError naming the fix, before any step
     (wandb's UsageError came from inside Trainer.fit). HOME is empty: no ~/.netrc key."""
