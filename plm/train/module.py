@@ -271,9 +271,44 @@ class PretrainModule(pl.LightningModule):
         checkpoint["plm_rng"] = {"torch": torch.get_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning calls this before it loads the weights and the optimizer: a checkpoint of
+        # another model is named here, not as a size mismatch or an optimizer-group error
+        diffs = _resume_differences(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
+        if diffs:
+            raise ValueError("the checkpoint to resume is a run of another model or data (" + "; ".join(diffs[:6])
+                             + "): resuming continues a run exactly; use that run's config (its .hydra/config.yaml), "
+                             "or start a new run")
         st = checkpoint.get("plm_rng")
         if st is not None:
             torch.set_rng_state(st["torch"])
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _resume_differences(saved: dict, now: dict) -> list[str]:
+    """What makes a checkpoint's run another model: architecture, vocabularies, numeric fields and
+    model config (how attention is computed and dropout may change), as 'key: saved -> now'."""
+    out = []
+    for key in ("arch", "vocab_sizes", "numeric_fields"):
+        if key in saved and saved[key] != now.get(key):
+            a, b = saved[key], now.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                out += [f"{key}.{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            else:
+                out.append(f"{key}: {a} -> {b}")
+    a, b = _flat(saved.get("model_cfg")), _flat(now.get("model_cfg"))
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k) and not k.endswith(("backend", "dropout")) and "model_cfg" in saved:
+            out.append(f"model.{k}: {a.get(k)} -> {b.get(k)}")
+    return out
 
 
 def _dc(cls, d: dict):

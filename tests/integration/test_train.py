@@ -147,6 +147,17 @@ def test_resume_from_a_missing_checkpoint_says_how(prepared, tmp_path):
         train(make_cfg(prepared, tmp_path / "fresh", f"ckpt_path={tmp_path / 'nope.ckpt'}"))
 
 
+def test_resuming_a_run_of_another_model_names_the_difference(prepared, tmp_path):
+    a = train(make_cfg(prepared, tmp_path / "a", "trainer.max_steps=2", "model.n_layers=1"))
+    with pytest.raises(ValueError, match=r"another model or data \(model.n_layers: 1 -> 2\)"):
+        train(make_cfg(prepared, tmp_path / "b", "trainer.max_steps=4", "model.n_layers=2",
+                       f"ckpt_path={a['last_ckpt']}"))
+    # how attention is computed may change on resume
+    b = train(make_cfg(prepared, tmp_path / "c", "trainer.max_steps=3", "model.n_layers=1",
+                       "model.attention.backend=eager", f"ckpt_path={a['last_ckpt']}"))
+    assert b["global_step"] == 3
+
+
 def test_wandb_online_without_a_key_fails_before_training(prepared, tmp_path, monkeypatch):
     """logger.wandb_mode=online with no API key: one ValueError naming the fix, before any step
     (wandb's UsageError came from inside Trainer.fit). HOME is empty: no ~/.netrc key."""
