@@ -382,8 +382,9 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
         warnings.append(f"{n_emb_only:,} embedded users have no labels (not evaluated)")
     if users.size == 0:
         raise EvalInputError(
-            f"no user_id in common between embeddings={cfg.embeddings} ({len(emb_ids):,} users) "
-            f"and labels={labels_path} ({len(lab_ids):,} users)"
+            f"no user_id in common between embeddings={cfg.embeddings} ({len(emb_ids):,} users, e.g. "
+            f"{', '.join(map(str, sorted(emb_ids)[:3]))}) and labels={labels_path} ({len(lab_ids):,} users, e.g. "
+            f"{', '.join(map(str, sorted(lab_ids)[:3]))})"
         )
     emb_pos = {u: i for i, u in enumerate(emb_ids)}
     lab_pos = {u: i for i, u in enumerate(lab_ids)}

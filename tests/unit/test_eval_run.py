@@ -208,6 +208,13 @@ def test_errors_name_the_file_and_column(world, tmp_path):
     with pytest.raises(EvalInputError, match=r"dup.parquet: 1 duplicate user_id .*e.g. a"):
         run_eval(cfg_for(root, tmp_path / "o", embeddings=str(dup)))
 
+    # labels keyed by numbers while the embeddings' ids are strings: the error shows both kinds
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"user_id": ["u1", "u2"], "embedding": [[1.0], [2.0]]}), other)
+    numeric = _labels(tmp_path, user_id=pa.array([1, 2]), churn=pa.array([0, 1]))
+    with pytest.raises(EvalInputError, match=r"no user_id in common .*e.g. u1, u2\) and labels=.*e.g. 1, 2\)"):
+        run_eval(cfg_for(root, tmp_path / "o", embeddings=str(other), labels=numeric))
+
     ragged = tmp_path / "ragged.parquet"
     pq.write_table(pa.table({"user_id": ["a", "b"], "embedding": [[1.0, 2.0], [3.0]]}), ragged)
     with pytest.raises(EvalInputError, match="different lengths"):
