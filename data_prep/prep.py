@@ -480,9 +480,10 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         if not acc["present"]:  # the inputs line named it already; the manifest holds its zeros
             log(f"{source}: absent, nothing to prepare")
             continue
+        reasons = ", ".join(f"{r} {n:,}" for r, n in acc["quarantined_rows"].items() if n)
         log(
             f"{source}: {acc['input_rows']:,} in = {acc['kept_rows']:,} kept + {q_total:,} quarantined"
-            f" + {acc['duplicate_rows']:,} duplicates"
+            + (f" ({reasons})" if reasons else "") + f" + {acc['duplicate_rows']:,} duplicates"
         )
     timings["validate_s"] = time.perf_counter() - t
     if not kept_frames or sum(a["kept_rows"] for a in accounting.values()) == 0:

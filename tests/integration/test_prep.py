@@ -273,6 +273,16 @@ def test_a_cutoff_before_every_event_is_named(tmp_path, spark, prep_config, caps
     assert m["accounting"]["logins"]["after_cutoff_rows"] == 5 and m["splits"]["train"]["users"] == 7
 
 
+def test_a_source_whose_every_row_is_quarantined_says_why(tmp_path, spark, prep_config, capsys):
+    """The accounting line names the quarantine reasons (when nothing is left to prepare, the
+    quarantine file is not published, and the log is where the user learns why)."""
+    raw = write_raw(tmp_path / "raw", logins=[login(f"l{i}", f"u{i}", ts(1 + i)) for i in range(3)],
+                    payments=[payment(f"p{i}", "u1", ts(2), amount=-1.0) for i in range(2)])
+    run_prep(prep_config(raw, tmp_path / "out", val_fraction=0.0, test_fraction=0.0), spark=spark)
+    printed = capsys.readouterr().out.splitlines()
+    assert "[plm-prep] payments: 2 in = 0 kept + 2 quarantined (amount_invalid 2) + 0 duplicates" in printed, printed
+
+
 def test_out_exists_needs_overwrite(tmp_path, spark, prep_config):
     raw = write_raw(tmp_path / "raw", logins=[login("l1", "u1", ts(1))])
     (tmp_path / "out").mkdir()
