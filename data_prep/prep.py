@@ -201,6 +201,16 @@ def spark_session(spark_cfg):
 # -------------------------------------------------------------------------------- the job
 
 
+def accounting_line(source: str, acc: dict) -> str:
+    """One source's accounting as plm-prep logs it (plm-export raw= too): `payments: 500 in = 480
+    kept + 20 quarantined (amount_invalid 12, null_ts 8) + 0 duplicates`."""
+    order = {r: i for i, r in enumerate(REASONS)}
+    reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(acc["quarantined_rows"].items(), key=lambda x: order.get(x[0], 99))
+                        if n)
+    return (f"{source}: {acc['input_rows']:,} in = {acc['kept_rows']:,} kept + {acc['quarantined_total']:,} quarantined"
+            + (f" ({reasons})" if reasons else "") + f" + {acc['duplicate_rows']:,} duplicates")
+
+
 def _iso(ts: dt.datetime) -> str:
     return ts.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -480,11 +490,7 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         if not acc["present"]:  # the inputs line named it already; the manifest holds its zeros
             log(f"{source}: absent, nothing to prepare")
             continue
-        reasons = ", ".join(f"{r} {n:,}" for r, n in acc["quarantined_rows"].items() if n)
-        log(
-            f"{source}: {acc['input_rows']:,} in = {acc['kept_rows']:,} kept + {q_total:,} quarantined"
-            + (f" ({reasons})" if reasons else "") + f" + {acc['duplicate_rows']:,} duplicates"
-        )
+        log(accounting_line(source, acc))
     timings["validate_s"] = time.perf_counter() - t
     if not kept_frames or sum(a["kept_rows"] for a in accounting.values()) == 0:
         raise ValueError(f"no valid events in {cfg.raw}: nothing to prepare (see the accounting above)")

@@ -508,7 +508,7 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
     """raw=DIR: the raw tables, read by Spark, embedded on its executors, each task writing its
     users in the batch export's schema (write_raw_spark) to a staging folder beside out; checked
     (each user once), then published."""
-    from data_prep.prep import discover_inputs, read_source, spark_session
+    from data_prep.prep import accounting_line, discover_inputs, read_source, spark_session
     from data_prep.storage import Location
     from plm.export.spark import write_raw_spark
 
@@ -543,12 +543,9 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
                                       max_len=cfg.max_len, max_tokens=cfg.max_tokens)
     wall = time.perf_counter() - t0
     for source, acc in ((s, accounting[s]) for s in inputs if s in accounting):  # as plm-prep logs it
-        q = acc["quarantined_total"]
-        reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(acc["quarantined_rows"].items()) if n)
-        print(f"plm-export: {source}: {acc['input_rows']:,} in = {acc['kept_rows']:,} kept + {q:,} quarantined"
-              + (f" ({reasons})" if reasons else "") + f" + {acc['duplicate_rows']:,} duplicates"
-              + (f"; {acc['after_cutoff_rows']:,} kept at or after the cut-off, left out" if acc["after_cutoff_rows"] else ""),
-              flush=True)
+        after = acc["after_cutoff_rows"]
+        print(f"plm-export: {accounting_line(source, acc)}"
+              + (f"; {after:,} kept at or after the cut-off, left out" if after else ""), flush=True)
     kept = {f["path"] for f in files}
     for path in staging.list_files(".parquet", recursive=False):
         if path not in kept:  # a failed or speculative task attempt's file
