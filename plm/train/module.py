@@ -304,10 +304,10 @@ def _resume_differences(saved: dict, now: dict) -> list[str]:
                 out += [f"{key}.{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             else:
                 out.append(f"{key}: {a} -> {b}")
-    a, b = _flat(saved.get("model_cfg")), _flat(now.get("model_cfg"))
-    for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k) and not k.endswith(("backend", "dropout")) and "model_cfg" in saved:
-            out.append(f"model.{k}: {a.get(k)} -> {b.get(k)}")
+    if "model_cfg" in saved:
+        a, b = _flat(saved["model_cfg"]), _flat(now.get("model_cfg"))
+        out += [f"model.{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and not k.endswith(("backend", "dropout"))]
     return out
 
 
