@@ -306,8 +306,9 @@ def _resume_differences(saved: dict, now: dict) -> list[str]:
                 out.append(f"{key}: {a} -> {b}")
     if "model_cfg" in saved:
         a, b = _flat(saved["model_cfg"]), _flat(now.get("model_cfg"))
-        out += [f"model.{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k) and not k.endswith(("backend", "dropout"))]
+        # keys both know (a checkpoint from before a key existed is not refused for lacking it)
+        out += [f"model.{k}: {a[k]} -> {b[k]}" for k in sorted(set(a) & set(b))
+                if a[k] != b[k] and not k.endswith(("backend", "dropout"))]
     return out
 
 
