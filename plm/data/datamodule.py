@@ -410,7 +410,9 @@ class PLMDataModule(pl.LightningDataModule):
         if not shards:
             raise ValueError(
                 f"{self.config.path}: split {split!r} has no shards ({splits[split].get('windows', 0)} windows); "
-                f"prepare data with users in it (plm-prep val_fraction/test_fraction) or do not use this split"
+                "prepare data with users in it (plm-prep val_fraction/test_fraction) or do not use this split ("
+                + ("plm-train: trainer.limit_val_batches=0 trains without validation; " if split == "val" else "")
+                + "plm-export: splits= without it)"
             )
         return shards
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from shards import read_windows, write_prepared
+from shards import history_lengths, read_windows, write_prepared
 
 from plm.data.datamodule import (
     DataConfig,
@@ -92,8 +92,11 @@ def test_errors_name_the_problem(prepared, tmp_path):
     with pytest.raises(ValueError, match=r"format_version '0.9' is not supported .*'1.1'"):
         PLMDataModule(str(old))
     d = dm(prepared)
-    with pytest.raises(ValueError, match=r"split 'test' has no shards \(0 windows\)"):
+    with pytest.raises(ValueError, match=r"split 'test' has no shards \(0 windows\).*\(plm-export: splits= without it\)"):
         d.test_dataloader()
+    no_val = write_prepared(tmp_path / "no_val", {"train": history_lengths(5, 0), "val": [], "test": []})
+    with pytest.raises(ValueError, match=r"split 'val' has no shards.*trainer.limit_val_batches=0 trains without validation"):
+        dm(no_val).val_dataloader()
     with pytest.raises(ValueError, match="batch_mode='sorted'"):
         dm(prepared, batch_mode="sorted")
     with pytest.raises(TypeError, match="unknown DataConfig fields \\['max_length'\\]"):
