@@ -231,6 +231,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             project=cfg.logger.project, name=cfg.name or run_dir.name, save_dir=str(run_dir),
             entity=cfg.logger.entity or None, offline=mode == "offline",
             config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            # explicit: wandb keeps the settings of its first run in a process, so the second job
+            # of a sweep (hydra's in-process launcher) ran offline after an offline one, silently
+            mode=mode,
         )
         # Lightning passes anonymous=None to wandb.init unconditionally and wandb warns about any
         # value ("The anonymous setting has no effect", wandb/wandb#10909); PLM never uses it

@@ -158,17 +158,35 @@ def test_resuming_a_run_of_another_model_names_the_difference(prepared, tmp_path
     assert b["global_step"] == 3
 
 
-def test_wandb_online_without_a_key_fails_before_training(prepared, tmp_path, monkeypatch):
-    """logger.wandb_mode=online with no API key: one ValueError naming the fix, before any step
-    (wandb's UsageError came from inside Trainer.fit). HOME is empty: no ~/.netrc key."""
+def test_wandb_online_without_a_key_fails_before_training(prepared, tmp_path):
+    """logger.wandb_mode=online with no API key: one line naming the fix, before any step (wandb's
+    UsageError came from inside Trainer.fit). A fresh process (wandb keeps process-wide settings
+    of earlier runs) with an empty HOME: no ~/.netrc key."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "HYDRA_FULL_ERROR")}
+    env |= {"HOME": str(tmp_path / "home"), "WANDB_CONFIG_DIR": str(tmp_path / "home" / ".config" / "wandb")}
+    exe = Path(sys.executable).parent / "plm-train"
+    r = subprocess.run([str(exe), f"data.path={prepared}", f"run_dir={tmp_path / 'run'}", "data.max_len=16",
+                        "data.max_tokens=64", "trainer=cpu", "trainer.max_steps=2", "logger=wandb",
+                        "logger.wandb_mode=online", "trainer.enable_progress_bar=false"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "plm-train: error: logger.wandb_mode=online: wandb could not start a run" in r.stderr, r.stderr[-2000:]
+    assert "wandb login" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "csv" / "metrics.csv").exists()  # no step ran
+
+
+def test_an_online_job_after_an_offline_one_in_one_process_is_online(prepared, tmp_path, monkeypatch):
+    """A sweep in one process (hydra's basic launcher): wandb kept the first run's settings, so an
+    online job after an offline one ran offline, silently. Online without a key must fail."""
     for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
-    cfg = make_cfg(prepared, tmp_path / "run", "logger=wandb", "logger.wandb_mode=online")
-    with pytest.raises(ValueError, match=r"logger.wandb_mode=online: wandb could not start a run .*wandb login"):
-        train(cfg)
-    assert not (tmp_path / "run" / "csv" / "metrics.csv").exists()  # no step ran
+    train(make_cfg(prepared, tmp_path / "off", "logger=wandb", "logger.wandb_mode=offline", "trainer.max_steps=2"))
+    assert list((tmp_path / "off" / "wandb").glob("offline-run-*"))
+    with pytest.raises(ValueError, match="logger.wandb_mode=online: wandb could not start a run"):
+        train(make_cfg(prepared, tmp_path / "on", "logger=wandb", "logger.wandb_mode=online", "trainer.max_steps=2"))
+    assert not list((tmp_path / "on").glob("wandb/offline-run-*"))
 
 
 @pytest.mark.parametrize("backend", ["flex", "xformers"])
