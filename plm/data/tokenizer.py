@@ -401,6 +401,12 @@ def build_windows(events: pa.Table, tokens: dict[str, np.ndarray], max_events: i
     return pa.table(cols)
 
 
+def zero_accounting() -> dict:
+    """One source's accounting before any row (`encode_raw`, summed by plm.export.spark)."""
+    return {"input_rows": 0, "kept_rows": 0, "duplicate_rows": 0, "quarantined_rows": {}, "quarantined_total": 0,
+            "after_cutoff_rows": 0}
+
+
 def encode_raw(
     tables: dict[str, pa.Table],
     tokenizer: Tokenizer,
@@ -435,8 +441,7 @@ def encode_raw(
         check_file_schema(source, f"tables['{source}']", t.schema)
         if t.num_rows == 0:
             if accounting is not None:
-                accounting[source] = {"input_rows": 0, "kept_rows": 0, "duplicate_rows": 0, "quarantined_rows": {},
-                                      "quarantined_total": 0, "after_cutoff_rows": 0}
+                accounting[source] = zero_accounting()
             continue
         k, q, n_dup = clean_source(t, source, ts_min, ts_max)
         n_kept = k.num_rows

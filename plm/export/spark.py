@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from plm.data.schema import RAW_SOURCES, ContractError, check_file_schema
-from plm.data.tokenizer import iso_us
+from plm.data.tokenizer import iso_us, zero_accounting
 
 _log = logging.getLogger("plm.export")
 _SRC = "__plm_source"
@@ -420,8 +420,7 @@ def _embed_rows(emb, table: pa.Table, names: tuple, cutoff: str, acc: dict | Non
 def add_accounting(total: dict, part: dict) -> dict:
     """Sum `encode_raw` accountings ({source: counts}) into `total` (in place; also returned)."""
     for source, a in part.items():
-        t = total.setdefault(source, {"input_rows": 0, "kept_rows": 0, "duplicate_rows": 0, "quarantined_rows": {},
-                                      "quarantined_total": 0, "after_cutoff_rows": 0})
+        t = total.setdefault(source, zero_accounting())
         for k in ("input_rows", "kept_rows", "duplicate_rows", "quarantined_total", "after_cutoff_rows"):
             t[k] += int(a[k])
         for reason, n in a["quarantined_rows"].items():
