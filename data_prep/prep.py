@@ -431,6 +431,27 @@ def run_prep(cfg, spark=None) -> dict:
     return manifest
 
 
+# event_ids shared by valid rows of two users, up to this many: collected and broadcast to the
+# flags' join (more: joined as a cached frame, a shuffle of the distinct rows by event_id)
+_COLLECT_IDS = 1_000_000
+
+
+def _broadcastable(spark, ids):
+    """`T.distinct_shared_ids` -> None if there are none, else a frame to join: broadcast from
+    the driver (built from Arrow, as the vocabularies) when small, else the cached frame."""
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+
+    rows = ids.limit(_COLLECT_IDS + 1).collect()
+    if not rows:
+        return None
+    if len(rows) > _COLLECT_IDS:
+        return ids.cache()
+    table = pa.table({T.SOURCE: pa.array([r[T.SOURCE] for r in rows], pa.string()),
+                      "event_id": pa.array([r["event_id"] for r in rows], pa.string())})
+    return F.broadcast(spark.createDataFrame(table))
+
+
 def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, given=None) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -445,42 +466,40 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
     if "spark.sql.shuffle.partitions" not in cfg.spark.conf:
         # cached frames keep their shuffle partitions (AQE does not coalesce them): size them
         spark.conf.set("spark.sql.shuffle.partitions", str(n_partitions))
-    # 1. validate, quarantine, dedupe (per source)
-    accounting, quarantine_files, kept_frames = {}, {}, []
-    first_us = last_us = None  # epoch µs of the first and last kept rows (the default cut-off: after the last)
-    flagged_frames = []
+    # 1. validate, quarantine, dedupe: every source in one frame, shuffled once, by user
+    accounting = {}
     for source, files in inputs.items():
-        acc = {"input_rows": n_input[source], "kept_rows": 0, "duplicate_rows": 0, "quarantined_rows": {}}
-        accounting[source] = acc
-        if not files:
-            acc["present"] = False
-            continue
-        acc["present"] = True
-        flagged = T.flag_rows(read_source(spark, source, files), source, ts_min, ts_max)
-        flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
-        flagged_frames.append(flagged)
-        counts = flagged.groupBy("_status", "reason").agg(
-            F.count(F.lit(1)).alias("rows"),
-            F.sum(F.col("_copies") - 1).alias("duplicates"),
-            F.min(F.unix_micros("ts")).alias("first_us"),  # ints: no local-time conversion
-            F.max(F.unix_micros("ts")).alias("last_us"),
-        )
-        for r in counts.collect():
-            acc["duplicate_rows"] += int(r["duplicates"])
-            if r["_status"] == "kept":
-                acc["kept_rows"] = r["rows"]
-                last_us = max(last_us, r["last_us"]) if last_us is not None else r["last_us"]
-                first_us = min(first_us, r["first_us"]) if first_us is not None else r["first_us"]
-            else:
-                acc["quarantined_rows"][r["reason"]] = r["rows"]
-        public = [c.name for c in RAW_SOURCES[source] if c.name not in PRIVATE_COLUMNS]
-        q = flagged.where(F.col("_status") == "quarantined").select(*public, "reason")
+        accounting[source] = {"input_rows": n_input[source], "kept_rows": 0, "duplicate_rows": 0,
+                              "quarantined_rows": {}, "present": bool(files)}
+    frames = {source: read_source(spark, source, files) for source, files in inputs.items() if files}
+    distinct = T.distinct_rows(frames, ts_min, ts_max, n_partitions).persist(StorageLevel.MEMORY_AND_DISK)
+    shared = _broadcastable(spark, T.distinct_shared_ids(distinct))
+    flagged = T.flag_distinct(distinct, ts_min, ts_max, shared)
+    first_us = last_us = None  # epoch µs of the first and last kept rows (the default cut-off: after the last)
+    counts = flagged.groupBy(T.SOURCE, "_status", "reason").agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.sum(F.col("_copies") - 1).alias("duplicates"),
+        F.min(F.unix_micros("ts")).alias("first_us"),  # ints: no local-time conversion
+        F.max(F.unix_micros("ts")).alias("last_us"),
+    )
+    for r in counts.collect():
+        acc = accounting[r[T.SOURCE]]
+        acc["duplicate_rows"] += int(r["duplicates"])
+        if r["_status"] == "kept":
+            acc["kept_rows"] = r["rows"]
+            last_us = max(last_us, r["last_us"]) if last_us is not None else r["last_us"]
+            first_us = min(first_us, r["first_us"]) if first_us is not None else r["first_us"]
+        else:
+            acc["quarantined_rows"][r["reason"]] = r["rows"]
+    quarantine_files = {}
+    for source in frames:
         qloc = staging.child("quarantine", source)
-        if sum(acc["quarantined_rows"].values()):
+        if sum(accounting[source]["quarantined_rows"].values()):
+            public = [c.name for c in RAW_SOURCES[source] if c.name not in PRIVATE_COLUMNS]
+            q = flagged.where((F.col(T.SOURCE) == source) & (F.col("_status") == "quarantined")).select(*public, "reason")
             # one file in a total order (no range-partitioning sample job)
             q.repartition(1).sortWithinPartitions("reason", *public).write.parquet(qloc.uri)
         quarantine_files[source] = [f"quarantine/{source}/{n}" for n, _ in finalize_spark_output(qloc)]
-        kept_frames.append(T.to_events(flagged.where(F.col("_status") == "kept"), source))
     for source, acc in accounting.items():
         q_total = sum(acc["quarantined_rows"].values())
         acc["quarantined_total"] = q_total
@@ -492,14 +511,12 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
             continue
         log(accounting_line(source, acc))
     timings["validate_s"] = time.perf_counter() - t
-    if not kept_frames or sum(a["kept_rows"] for a in accounting.values()) == 0:
+    if sum(a["kept_rows"] for a in accounting.values()) == 0:
         raise ValueError(f"no valid events in {cfg.raw}: nothing to prepare (see the accounting above)")
 
-    # 2. merge sources, cut-off, per-user features, split
+    # 2. cut-off, per-user features, split (the events are partitioned by user already)
     t = time.perf_counter()
-    events = kept_frames[0]
-    for f in kept_frames[1:]:
-        events = events.unionByName(f)
+    events = T.to_events(flagged.where(F.col("_status") == "kept"))
     if cfg.cutoff:
         cutoff = _iso(_parse_time(cfg.cutoff, "cutoff"))
         in_window = F.col("ts") < F.lit(cutoff).cast("timestamp")
@@ -519,7 +536,7 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
         if n_after == n_kept:
             raise ValueError(f"cutoff={cfg.cutoff}: every kept event is at or after it (the first is at {_iso_us(first_us)}); "
                              "nothing to prepare: pick a later cutoff")
-    events = events.where(in_window).repartition(n_partitions, "user_id")
+    events = events.where(in_window)
     events = T.add_history_features(events)
     events = T.assign_split(events, cfg.split_salt, cfg.val_fraction, cfg.test_fraction)
     events = events.persist(StorageLevel.MEMORY_AND_DISK)
@@ -528,8 +545,9 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
     n_train_users = int(stats["train"]["users"]) if "train" in stats else 0
     if n_train_users == 0 and given is None:
         raise ValueError("no training users: every user hashed into val/test; lower val_fraction/test_fraction")
-    for f in flagged_frames:
-        f.unpersist()
+    distinct.unpersist()
+    if shared is not None:
+        shared.unpersist()  # the cached frame of many shared ids (a no-op on the broadcast one)
     timings["features_s"] = time.perf_counter() - t
 
     # 3. fit the tokenizer on training users only (or apply a given one, unchanged)

@@ -1,10 +1,12 @@
 """Pure Spark transforms of `plm-prep`: each takes DataFrames (and plain values) and returns a
 DataFrame, built only from Spark's built-in functions (no Python UDFs on the per-row path).
 
-The pipeline, per source then merged (`data_prep.prep.run_prep` wires it):
+The pipeline (`data_prep.prep.run_prep` wires it):
 
-    normalize_source  -> canonical contract columns and types (extra columns dropped)
-    flag_rows         -> status kept | quarantined | duplicate, and the quarantine `reason`
+    normalize_source  -> canonical contract columns and types (extra columns dropped), per source
+    distinct_rows     -> the sources in one frame, partitioned by user; exact duplicates collapsed
+    flag_distinct     -> status kept | quarantined, and the quarantine `reason`
+                         (`flag_rows`: both steps for one source)
     to_events         -> one unified event schema across sources (string categoricals)
     add_history_features (per user, time order) -> log_dt, hour, dow, device_new, device_age, country_foreign
     assign_split      -> train / val / test by a stable hash of user_id
@@ -88,10 +90,13 @@ def _invalid_number(col: Column, name: str) -> Column:
     return col.isNotNull() & (F.isnan(d) | (F.abs(d) == float("inf")) | too_low | (d > hi))
 
 
-def row_checks(source: str, ts_min: str, ts_max: str) -> list[tuple[str, Column]]:
+def row_checks(source: str | None, ts_min: str, ts_max: str, columns=None) -> list[tuple[str, Column]]:
     """The per-row quarantine checks of `source` (every reason of `plm.data.schema.REASONS` but
-    `conflicting_event_id`, which needs the other rows), in order, on canonical columns."""
-    cols = {c.name for c in RAW_SOURCES[source]}
+    `conflicting_event_id`, which needs the other rows), in order, on canonical columns.
+
+    `source=None` with `columns`: the checks of a frame of several sources (`union_sources`); a
+    numeric check of a column that a row's source lacks passes (the column is null there)."""
+    cols = set(columns) if source is None else {c.name for c in RAW_SOURCES[source]}
     checks: list[tuple[str, Column]] = [
         ("null_event_id", F.col("event_id").isNull()),
         ("null_user_id", F.col("user_id").isNull()),
@@ -128,6 +133,68 @@ def shared_event_ids(valid: DataFrame, by: tuple[str, ...] = ()) -> DataFrame:
     return per_id.where(F.col("_a") != F.col("_b")).select(*by, "event_id")
 
 
+# The source of each row in a frame of several sources (`union_sources`).
+SOURCE = "_source"
+
+
+def union_sources(frames: dict[str, DataFrame]) -> DataFrame:
+    """Canonical frames of several sources (`normalize_source`) -> one frame: `_source` (the
+    source's name) and every contract column of the given sources, null where a row's source
+    does not have it (same-named columns share their contract type)."""
+    out = None
+    for source, df in frames.items():
+        part = df.select(F.lit(source).alias(SOURCE), *df.columns)
+        out = part if out is None else out.unionByName(part, allowMissingColumns=True)
+    return out
+
+
+def distinct_rows(frames: dict[str, DataFrame], ts_min: str, ts_max: str, partitions: int | None = None) -> DataFrame:
+    """The distinct rows of every source in one frame, hash-partitioned by `user_id`: `_source`,
+    the contract columns (`union_sources`), `_copies` (how many arrived), `_invalid` (fails a
+    `row_checks` check) and `_n_user` (distinct rows passing every check with this row's source,
+    user and `event_id`). `flag_distinct` finishes the flags.
+
+    One shuffle, by user: an exact duplicate has its original's `user_id`, and so do the rows
+    of one user that share an `event_id`; the aggregation and the window need no other shuffle,
+    and the per-user features downstream none either. Event ids shared across users are the one
+    check that needs them side by side: `shared_event_ids` over the valid rows (three columns)."""
+    union = union_sources(frames)
+    cols = [c for c in union.columns if c != SOURCE]
+    by_user = union.repartition(partitions, "user_id") if partitions else union.repartition("user_id")
+    distinct = by_user.groupBy(SOURCE, *cols).agg(F.count(F.lit(1)).alias("_copies"))
+    invalid = _fails_any(row_checks(None, ts_min, ts_max, cols))
+    n_user = F.sum(F.when(F.col("_invalid"), 0).otherwise(1)).over(Window.partitionBy(SOURCE, "user_id", "event_id"))
+    return distinct.withColumn("_invalid", invalid).withColumn("_n_user", n_user)
+
+
+def distinct_shared_ids(distinct: DataFrame) -> DataFrame:
+    """(`_source`, `event_id`) of the ids that valid rows of `distinct_rows` of two or more
+    users share."""
+    return shared_event_ids(distinct.where(~F.col("_invalid")).select(SOURCE, "event_id", "user_id"), by=(SOURCE,))
+
+
+def flag_distinct(distinct: DataFrame, ts_min: str, ts_max: str, shared: DataFrame | None) -> DataFrame:
+    """`distinct_rows` -> `_source`, the contract columns, `_copies`, `_status` (kept |
+    quarantined) and `reason` (see `flag_rows`). `shared`: `distinct_shared_ids` of the same
+    rows, or a (broadcast) copy of it, or None when there are none."""
+    cols = [c for c in distinct.columns if c not in (SOURCE, "_copies", "_invalid", "_n_user")]
+    if shared is not None:
+        flagged = distinct.join(shared.select(SOURCE, "event_id", F.lit(True).alias("_shared")), [SOURCE, "event_id"], "left")
+        is_shared = F.coalesce(F.col("_shared"), F.lit(False))
+    else:
+        flagged, is_shared = distinct, F.lit(False)
+    checks = row_checks(None, ts_min, ts_max, cols)
+    checks.append(("conflicting_event_id", F.col("event_id").isNotNull() & ((F.col("_n_user") > 1) | is_shared)))
+    reason = F.lit(None).cast("string")
+    for name, cond in reversed(checks):
+        reason = F.when(cond, F.lit(name)).otherwise(reason)
+    return (
+        flagged.withColumn("reason", reason)
+        .withColumn("_status", F.when(F.col("reason").isNull(), F.lit("kept")).otherwise(F.lit("quarantined")))
+        .select(SOURCE, *cols, "_copies", "_status", "reason")
+    )
+
+
 def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame:
     """Distinct rows of a source with `_copies`, `_status` (kept | quarantined) and `reason`.
 
@@ -141,39 +208,22 @@ def flag_rows(df: DataFrame, source: str, ts_min: str, ts_max: str) -> DataFrame
       it cannot cost the valid row with its id that row's place, so a user's kept events depend
       only on rows that could be that user's events.
 
-    One shuffle: a hash aggregation by content, then a count over event_id for the conflicts.
+    The same steps as `plm-prep`'s for all sources at once (`distinct_rows`, `flag_distinct`),
+    for one source (`plm-prep` broadcasts the shared ids; here they are joined as a frame).
     """
+    distinct = distinct_rows({source: df}, ts_min, ts_max)
     cols = [c.name for c in RAW_SOURCES[source]]
-    # One shuffle by event_id serves both steps: hash partitioning on event_id already clusters
-    # rows by content (aggregation) and by event_id (window), so neither adds a shuffle, and
-    # the input is read once.
-    df = df.repartition("event_id").groupBy(*cols).agg(F.count(F.lit(1)).alias("_copies"))
-
-    checks = row_checks(source, ts_min, ts_max)
-    # distinct rows per event_id among the rows no other check quarantines
-    invalid = _fails_any(checks)
-    n_valid = F.sum(F.when(invalid, 0).otherwise(1)).over(Window.partitionBy("event_id"))
-    df = df.withColumn("_n_valid", n_valid)
-    checks.append(("conflicting_event_id", F.col("event_id").isNotNull() & (F.col("_n_valid") > 1)))
-
-    reason = F.lit(None).cast("string")
-    for name, cond in reversed(checks):
-        reason = F.when(cond, F.lit(name)).otherwise(reason)
-    return (
-        df.withColumn("reason", reason)
-        .withColumn("_status", F.when(F.col("reason").isNull(), F.lit("kept")).otherwise(F.lit("quarantined")))
-        .select(*cols, "_copies", "_status", "reason")
-    )
+    return flag_distinct(distinct, ts_min, ts_max, distinct_shared_ids(distinct)).select(*cols, "_copies", "_status", "reason")
 
 
-def to_events(df: DataFrame, source: str) -> DataFrame:
-    """Kept rows of one source -> the unified event frame shared by every source.
+def to_events(df: DataFrame) -> DataFrame:
+    """Kept rows of `union_sources` (any of the sources) -> the unified event frame.
 
     Columns: user_id, event_id, ts, type_order, event_type, device_id (dropped after features),
     the string categoricals in EVENT_STRING_COLS and the doubles in EVENT_DOUBLE_COLS; a column
-    that a source does not have is null (it becomes the N/A token at tokenisation).
+    that a row's source does not have is null (it becomes the N/A token at tokenisation).
     """
-    present = {c.name for c in RAW_SOURCES[source]}
+    present = set(df.columns)
 
     def s(raw: str) -> Column:
         return F.col(raw).cast("string") if raw in present else F.lit(None).cast("string")
@@ -181,13 +231,18 @@ def to_events(df: DataFrame, source: str) -> DataFrame:
     def d(raw: str) -> Column:
         return F.col(raw).cast("double") if raw in present else F.lit(None).cast("double")
 
-    country_col = "country" if source == "payments" else "ip_country"
+    def per_source(values: dict) -> Column:
+        col = F.lit(None)
+        for source, value in values.items():
+            col = F.when(F.col(SOURCE) == source, F.lit(value)).otherwise(col)
+        return col
+
     return df.select(
         "user_id",
         "event_id",
         "ts",
-        F.lit(EVENT_TYPE_ORDER[source]).alias("type_order"),
-        F.lit(EVENT_TYPE_NAME[source]).alias("event_type"),
+        per_source(EVENT_TYPE_ORDER).cast("int").alias("type_order"),
+        per_source(EVENT_TYPE_NAME).cast("string").alias("event_type"),
         s("device_id").alias("device_id"),
         s("currency").alias("currency"),
         s("mcc").alias("mcc"),
@@ -195,7 +250,8 @@ def to_events(df: DataFrame, source: str) -> DataFrame:
         s("status").alias("status"),
         # the raw id never leaves the job: its pseudonym (HASHED_FIELDS, same as the Python twin)
         F.substring(F.sha2(s("merchant_id"), 256), 1, HASHED_FIELDS["merchant"]).alias("merchant"),
-        s(country_col).alias("country"),
+        # payments' country, logins' IP country (each null in the other's rows)
+        F.coalesce(s("country"), s("ip_country")).alias("country"),
         s("auth_method").alias("auth_method"),
         # bool -> "true"/"false", the same strings the pure-Python tokenizer uses
         F.lower(s("success")).alias("login_success"),

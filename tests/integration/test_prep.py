@@ -332,3 +332,34 @@ def test_shared_event_ids_are_the_cross_user_conflicts(spark, tmp_path):
     cross = {r.event_id for r in flagged.groupBy("event_id").agg(F.countDistinct("user_id").alias("n")).collect()
              if r.n > 1}
     assert cross == set(got)  # the same ids the batch job quarantines across users
+
+
+@pytest.mark.parametrize("collect_limit", [1_000_000, 0])
+def test_conflicts_within_and_across_users_in_the_one_shuffle_by_user(tmp_path, spark, prep_config, monkeypatch,
+                                                                      collect_limit):
+    """plm-prep validates every source in one shuffle by user: conflicting ids within one user
+    (the window) and across users (the shared ids, broadcast when few, joined as a frame when
+    more than `_COLLECT_IDS`) are quarantined alike; ids are per source (a payment and a login may
+    share one); an exact replay of another user's row stays a duplicate."""
+    import data_prep.prep as prep
+
+    monkeypatch.setattr(prep, "_COLLECT_IDS", collect_limit)
+    pays = [payment(f"p{i}", f"u{i % 4}", ts(1 + i)) for i in range(12)]
+    pays += [
+        payment("x", "u1", ts(20)), payment("x", "u2", ts(20)),  # two users: both quarantined
+        payment("y", "u3", ts(21)), payment("y", "u3", ts(21), amount=11.0),  # one user: both quarantined
+        payment("z", "u0", ts(22)), payment("z", "u1", None),  # the other copy is invalid: z kept
+        payment("p0", "u0", ts(1)),  # an exact replay
+    ]
+    logs = [login(f"l{i}", f"u{i % 4}", ts(2 + i)) for i in range(8)] + [login("x", "u3", ts(23))]  # "x" again
+    raw = write_raw(tmp_path / "raw", payments=pays, logins=logs)
+    m = run_prep(prep_config(raw, tmp_path / "out", val_fraction=0.0, test_fraction=0.0), spark=spark)
+    acc = m["accounting"]
+    assert acc["payments"]["quarantined_rows"]["conflicting_event_id"] == 4
+    assert acc["payments"]["quarantined_rows"]["null_ts"] == 1
+    assert acc["payments"]["duplicate_rows"] == 1 and acc["payments"]["kept_rows"] == 13
+    assert acc["logins"]["kept_rows"] == 9 and acc["logins"]["quarantined_total"] == 0
+    q = pq.read_table(tmp_path / "out" / m["quarantine"]["payments"][0]).to_pylist()
+    assert sorted((r["event_id"], r["user_id"]) for r in q if r["reason"] == "conflicting_event_id") == [
+        ("x", "u1"), ("x", "u2"), ("y", "u3"), ("y", "u3")]
+    assert m["quarantine"]["logins"] == [] and "orders" not in m["quarantine"]
