@@ -436,7 +436,7 @@ def run_prep(cfg, spark=None) -> dict:
 _COLLECT_IDS = 1_000_000
 
 
-def _broadcastable(spark, ids):
+def broadcastable(spark, ids):
     """`T.distinct_shared_ids` -> None if there are none, else a frame to join: broadcast from
     the driver (built from Arrow, as the vocabularies) when small, else the cached frame."""
     import pyarrow as pa
@@ -450,6 +450,36 @@ def _broadcastable(spark, ids):
     table = pa.table({T.SOURCE: pa.array([r[T.SOURCE] for r in rows], pa.string()),
                       "event_id": pa.array([r["event_id"] for r in rows], pa.string())})
     return F.broadcast(spark.createDataFrame(table))
+
+
+def tally_flags(flagged, accounting: dict, after: str | None = None) -> dict:
+    """Count `T.flag_distinct`'s rows into `accounting` ({source: {kept_rows, duplicate_rows,
+    quarantined_rows: {reason: n}}}, added to) in one aggregation. Returns {source: {"arrived":
+    input rows seen, "first_us"/"last_us": epoch µs of the first/last kept row, "after": kept
+    rows at or after `after` (ISO time; 0 without)}}."""
+    from pyspark.sql import functions as F
+
+    kept = F.col("_status") == "kept"
+    late = kept & (F.col("ts") >= F.lit(after).cast("timestamp")) if after else F.lit(False)
+    counts = flagged.groupBy(T.SOURCE, "_status", "reason").agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.sum("_copies").alias("arrived"),
+        F.min(F.unix_micros("ts")).alias("first_us"),  # ints: no local-time conversion
+        F.max(F.unix_micros("ts")).alias("last_us"),
+        F.sum(F.when(late, 1).otherwise(0)).alias("after"),
+    )
+    seen: dict = {}
+    for r in counts.collect():
+        acc, info = accounting[r[T.SOURCE]], seen.setdefault(r[T.SOURCE], {"arrived": 0, "after": 0})
+        acc["duplicate_rows"] += int(r["arrived"]) - int(r["rows"])
+        info["arrived"] += int(r["arrived"])
+        info["after"] += int(r["after"])
+        if r["_status"] == "kept":
+            acc["kept_rows"] += int(r["rows"])
+            info["first_us"], info["last_us"] = r["first_us"], r["last_us"]
+        else:
+            acc["quarantined_rows"][r["reason"]] = acc["quarantined_rows"].get(r["reason"], 0) + int(r["rows"])
+    return seen
 
 
 def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, given=None) -> dict:
@@ -473,24 +503,12 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
                               "quarantined_rows": {}, "present": bool(files)}
     frames = {source: read_source(spark, source, files) for source, files in inputs.items() if files}
     distinct = T.distinct_rows(frames, ts_min, ts_max, n_partitions).persist(StorageLevel.MEMORY_AND_DISK)
-    shared = _broadcastable(spark, T.distinct_shared_ids(distinct))
+    shared = broadcastable(spark, T.distinct_shared_ids(distinct))
     flagged = T.flag_distinct(distinct, ts_min, ts_max, shared)
-    first_us = last_us = None  # epoch µs of the first and last kept rows (the default cut-off: after the last)
-    counts = flagged.groupBy(T.SOURCE, "_status", "reason").agg(
-        F.count(F.lit(1)).alias("rows"),
-        F.sum(F.col("_copies") - 1).alias("duplicates"),
-        F.min(F.unix_micros("ts")).alias("first_us"),  # ints: no local-time conversion
-        F.max(F.unix_micros("ts")).alias("last_us"),
-    )
-    for r in counts.collect():
-        acc = accounting[r[T.SOURCE]]
-        acc["duplicate_rows"] += int(r["duplicates"])
-        if r["_status"] == "kept":
-            acc["kept_rows"] = r["rows"]
-            last_us = max(last_us, r["last_us"]) if last_us is not None else r["last_us"]
-            first_us = min(first_us, r["first_us"]) if first_us is not None else r["first_us"]
-        else:
-            acc["quarantined_rows"][r["reason"]] = r["rows"]
+    seen = tally_flags(flagged, accounting).values()
+    # epoch µs of the first and last kept rows (the default cut-off: after the last)
+    first_us = min((i["first_us"] for i in seen if "first_us" in i), default=None)
+    last_us = max((i["last_us"] for i in seen if "last_us" in i), default=None)
     quarantine_files = {}
     for source in frames:
         qloc = staging.child("quarantine", source)

@@ -29,7 +29,8 @@ the `event_id`s that valid rows of different users share, which the batch job qu
 one user are found by the tasks, as by the batch job.
 `embed_raw_spark` returns the batch parts' columns (the embedding as `list<float32>`, which the
 contract allows); Spark's Parquet writer cannot set a file's schema metadata, so written by
-Spark the identity is in the columns only. `write_raw_spark` (what `plm-export raw=` calls)
+Spark the identity is in the columns only. It drops invalid rows and duplicates as `plm-prep`
+does; `raw_accounting_spark` counts them, per source and reason. `write_raw_spark` (what `plm-export raw=` calls)
 has each task write its users in the batch export's exact file schema instead.
 """
 
@@ -124,24 +125,11 @@ def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | No
     from plm.export.model import DEFAULT_POOLING
     from plm.export.service import UserEmbedder
 
-    sources = {k: v for k, v in sources.items() if v is not None}
-    unknown = sorted(set(sources) - set(RAW_SOURCES))
-    if unknown:
-        raise ContractError(f"unknown source(s) {unknown}: the raw sources are {sorted(RAW_SOURCES)}")
-    if not sources:
-        raise ValueError("embed_raw_spark: no source DataFrame given (payments, logins or orders)")
-    if not cutoff:
-        raise ValueError("embed_raw_spark: cutoff=ISO-TIME is required (the as-of time of every vector)")
-    try:
-        iso_us(cutoff)
-    except ValueError:
-        raise ValueError(f"embed_raw_spark: cutoff={cutoff!r} is not an ISO-8601 time (e.g. 2024-06-29T00:00:00Z)") from None
+    sources = _checked_sources(sources, cutoff)
     if rows_per_call < 1:
         raise ValueError(f"rows_per_call={rows_per_call}: must be >= 1")
     if partitions is not None and partitions < 1:
         raise ValueError(f"partitions={partitions}: must be >= 1")
-    for name, df in sources.items():
-        check_file_schema(name, f"{name} DataFrame", _arrow_schema(df))
     opts = {"pooling": opts.get("pooling") or DEFAULT_POOLING, "normalize": bool(opts.get("normalize", False)),
             "quantize": opts.get("quantize", "none"), "max_len": int(opts.get("max_len", 0)),
             "max_tokens": int(opts.get("max_tokens", 0))}
@@ -167,6 +155,59 @@ def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | No
     return {"ordered": by_user.sortWithinPartitions("user_id"), "names": tuple(sources),
             "key": (bundle, tuple(sorted(opts.items()))), "identity": _identity(local, cutoff, opts),
             "shared_event_ids": {name: n for name, (_, n) in shared.items()}}
+
+
+def _checked_sources(sources: dict, cutoff: str) -> dict:
+    """The given source DataFrames, their schemas and the cut-off checked (clear errors)."""
+    sources = {k: v for k, v in sources.items() if v is not None}
+    unknown = sorted(set(sources) - set(RAW_SOURCES))
+    if unknown:
+        raise ContractError(f"unknown source(s) {unknown}: the raw sources are {sorted(RAW_SOURCES)}")
+    if not sources:
+        raise ValueError("embed_raw_spark: no source DataFrame given (payments, logins or orders)")
+    if not cutoff:
+        raise ValueError("embed_raw_spark: cutoff=ISO-TIME is required (the as-of time of every vector)")
+    try:
+        iso_us(cutoff)
+    except ValueError:
+        raise ValueError(f"embed_raw_spark: cutoff={cutoff!r} is not an ISO-8601 time (e.g. 2024-06-29T00:00:00Z)") from None
+    for name, df in sources.items():
+        check_file_schema(name, f"{name} DataFrame", _arrow_schema(df))
+    return sources
+
+
+def raw_accounting_spark(sources: dict, data: str, cutoff: str) -> dict:
+    """What `embed_raw_spark(sources, ckpt, data, cutoff)` does with every input row, per source,
+    counted as plm-prep's manifest counts them: {source: {input_rows, kept_rows, duplicate_rows,
+    quarantined_rows: {reason: n}, quarantined_total, after_cutoff_rows}}, `input_rows = kept_rows
+    + quarantined_total + duplicate_rows`. The embedding job drops the quarantined rows and the
+    duplicates; this names them. Rows at or after the cut-off are `ts_out_of_range` (the
+    embedding's time window ends at the cut-off), as `UserEmbedder.embed_raw` counts them; ids that
+    valid rows of two users share are `conflicting_event_id`, as in plm-prep (the embedding job
+    leaves them out before its tasks). `data`: the prepared folder the model was trained on (its
+    time window's start). One shuffle by user (plm-prep's validation) and one small collect.
+    """
+    from data_prep.prep import broadcastable, tally_flags
+    from data_prep.storage import Location
+    from data_prep.transforms import distinct_rows, distinct_shared_ids, flag_distinct, normalize_source
+
+    sources = _checked_sources(sources, cutoff)
+    manifest = Location.of(data).child("manifest.json").read_json()
+    ts_min = manifest.get("ts_window", {}).get("min") or manifest["config"]["ts_min"]
+    spark = next(iter(sources.values())).sparkSession
+    distinct = distinct_rows({name: normalize_source(df, name) for name, df in sources.items()}, ts_min, cutoff)
+    distinct = distinct.persist()
+    try:
+        shared = broadcastable(spark, distinct_shared_ids(distinct))
+        accounting = {name: zero_accounting() for name in sources}
+        seen = tally_flags(flag_distinct(distinct, ts_min, cutoff, shared), accounting, after=cutoff)
+    finally:
+        distinct.unpersist()
+    for name, acc in accounting.items():
+        acc["input_rows"] = seen.get(name, {}).get("arrived", 0)
+        acc["after_cutoff_rows"] = seen.get(name, {}).get("after", 0)
+        acc["quarantined_total"] = sum(acc["quarantined_rows"].values())
+    return accounting
 
 
 # event_ids shared between users: collected and broadcast to the anti-join up to this many

@@ -4,6 +4,7 @@ export's vectors for the same users."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -160,6 +161,37 @@ def test_spark_raw_path_equals_batch_export(world, spark):
     for k in ("model", "model_sha256", "checkpoint", "tokenizer_sha256", "pooling"):
         assert set(got.column(k).to_pylist()) == {ident[k]}, k
     assert got.column("as_of").cast("int64").to_pylist()[0] == batch.column("as_of").cast("int64").to_pylist()[0]
+
+
+def test_spark_raw_accounting_names_every_dropped_row(world, spark):
+    """raw_accounting_spark counts what embed_raw_spark drops, per source and reason, as the
+    pure-Python twin (`encode_raw`) counts the same rows when it sees every user at once: dirty
+    rows, a replay, rows after the cut-off and the id two users' logins share included."""
+    from plm.data.tokenizer import Tokenizer, encode_raw
+    from plm.export.spark import raw_accounting_spark
+
+    raw, out, _ = world
+    manifest = json.loads((out / "prepared" / "manifest.json").read_text())
+    cutoff = "2024-06-01T00:00:00Z"  # before the end of the world: later rows are out of range
+    tables = {s: pq.read_table(raw / s) for s in ("payments", "logins", "orders")}
+    pay = tables["payments"].to_pylist()
+    at_cutoff = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
+    pay += [pay[0], {**pay[1], "ts": None}, {**pay[2], "event_id": "nan-row", "amount": float("nan")},
+            {**pay[3], "event_id": "at-cutoff", "ts": at_cutoff}]
+    tables["payments"] = pa.Table.from_pylist(pay, schema=tables["payments"].schema)
+    got = raw_accounting_spark({s: spark.createDataFrame(t) for s, t in tables.items()}, str(out / "prepared"), cutoff)
+    want: dict = {}
+    tok = Tokenizer.from_dict(json.loads((out / "prepared" / "tokenizer.json").read_text()))
+    encode_raw(tables, tok, cutoff=cutoff, ts_min=manifest["ts_window"]["min"], ts_max=cutoff, accounting=want)
+    assert got == want
+    p = got["payments"]
+    assert p["duplicate_rows"] == 1 and p["after_cutoff_rows"] == 1
+    assert p["quarantined_rows"]["null_ts"] == 1 and p["quarantined_rows"]["amount_invalid"] == 1
+    assert p["quarantined_rows"]["ts_out_of_range"] > 0
+    assert got["logins"]["quarantined_rows"]["conflicting_event_id"] == 2  # the shared id, both users' rows
+    for source, acc in got.items():
+        assert acc["input_rows"] == tables[source].num_rows
+        assert acc["input_rows"] == acc["kept_rows"] + acc["quarantined_total"] + acc["duplicate_rows"], source
 
 
 def test_spark_raw_path_errors_name_the_problem(world, spark):
