@@ -573,8 +573,10 @@ def _run(cfg, spark, inputs, labels, n_input, staging, ts_min, ts_max, timings, 
     tokenizer = given[0] if given else fit_tokenizer(train, cfg, n_train_users)
     staging.child("tokenizer.json").write_json(tokenizer.to_dict())
     timings["fit_tokenizer_s"] = time.perf_counter() - t
-    log(("tokenizer (given, " + given[1] + "): " if given else "tokenizer: ")
-        + ", ".join(f"{k}={v}" for k, v in tokenizer.vocab_sizes().items()))
+    # in the schema's field order, fitted or given (a loaded tokenizer.json has its keys sorted)
+    order = {f.name: i for i, f in enumerate(CATEGORICAL_FIELDS + NUMERIC_FIELDS)}
+    sizes = sorted(tokenizer.vocab_sizes().items(), key=lambda kv: order.get(kv[0], len(order)))
+    log(("tokenizer (given, " + given[1] + "): " if given else "tokenizer: ") + ", ".join(f"{k}={v}" for k, v in sizes))
 
     # 4. tokenise, window, write the shards of every split in one job
     t = time.perf_counter()

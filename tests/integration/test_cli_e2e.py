@@ -74,9 +74,10 @@ def test_same_input_same_shards_and_tokenizer(world, tmp_path, spark, prep_confi
         assert a.schema == b.schema and repr(a.to_pylist()) == repr(b.to_pylist()), f
 
 
-def test_given_tokenizer_is_applied_not_refitted(world, tmp_path, spark, prep_config):
+def test_given_tokenizer_is_applied_not_refitted(world, tmp_path, spark, prep_config, capsys):
     """`tokenizer=<earlier prep folder>`: the earlier tokenizer is applied unchanged, so the shards
-    equal the earlier run's; fitting settings beside it are refused (they would do nothing)."""
+    equal the earlier run's; fitting settings beside it are refused (they would do nothing). The
+    log lists its fields in the schema's order, as for a fitted one (not the file's sorted keys)."""
     root, _ = world
     from plm.config import BinsConfig, VocabConfig
 
@@ -87,6 +88,8 @@ def test_given_tokenizer_is_applied_not_refitted(world, tmp_path, spark, prep_co
     m = run_prep(prep_config(root / "raw", tmp_path / "given", max_events=64, stride=32, tokenizer=str(first), **given),
                  spark=spark)
     assert m["tokenizer"]["fitted"] is False and m["tokenizer"]["source"].endswith("tokenizer.json")
+    line = next(x for x in capsys.readouterr().out.splitlines() if "tokenizer (given" in x)
+    assert line.split("): ", 1)[1].startswith("event_type="), line
     assert (first / "tokenizer.json").read_bytes() == (tmp_path / "given" / "tokenizer.json").read_bytes()
     for split in ("train", "test"):
         f = first / m["splits"][split]["shards"][0]["path"]
