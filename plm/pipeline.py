@@ -103,6 +103,25 @@ def check_filled_keys(cfg: PipelineConfig, raw: Path, paths: dict[str, Path]) ->
                          "OUT/train, OUT/embeddings, OUT/report); drop them, or run the stage's own CLI")
 
 
+def check_stage_inputs(stages: list[str], paths: dict[str, Path]) -> None:
+    """Each stage reads the one before it: the stages run must be consecutive (a skipped one would
+    leave the next with a missing or stale input, e.g. embeddings of an earlier model), and the
+    output of the stage just before the first one run must be in OUT already."""
+    idx = [STAGES.index(s) for s in stages]
+    skipped = [s for s in STAGES[idx[0]:idx[-1] + 1] if s not in stages]
+    if skipped:
+        raise ValueError(f"stages={stages} skips {skipped}: each stage reads the output of the one before it, which "
+                         f"would be missing or left from an earlier run; name {skipped} too, or run the stages' own CLIs")
+    if idx[0] == 0:
+        return
+    before = STAGES[idx[0] - 1]
+    need = {"prep": paths["prepared"] / "manifest.json", "train": paths["train"] / "final.pt",
+            "export": paths["embeddings"] / "_export.json"}[before]
+    if not need.exists():
+        raise FileNotFoundError(f"stages={stages} starts after {before}, but {need} does not exist: add {before} (and "
+                                "what it needs) to stages, or point out= at an earlier plm-pipeline run")
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
@@ -122,6 +141,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         from plm.eval.run import read_labels
 
         read_labels(str(labels), cfg.eval.tasks)
+    check_stage_inputs(list(cfg.stages), paths)
     # the training config is composed before anything is touched: a misspelt preset or override
     # fails at once, not after the Spark job (and not after overwrite=true emptied `out`)
     tcfg = (compose_train(str(paths["prepared"]), str(paths["train"]), cfg.preset, list(cfg.train_overrides))

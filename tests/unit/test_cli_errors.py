@@ -1,6 +1,7 @@
 """`plm.cli.app.cli_errors`: the one place every console script turns bad input into one line."""
 
 import os
+import re
 
 import pytest
 from conftest import cli
@@ -90,6 +91,23 @@ def test_pipeline_overwrite_replaces_only_its_own_outputs(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "afile"), overwrite=True))
+
+
+def test_pipeline_stages_must_be_consecutive_and_start_after_an_existing_output(tmp_path):
+    """stages=[prep,export,eval] ran prep (a Spark job) and then failed for want of a checkpoint;
+    [train,eval] would evaluate an earlier model's embeddings. Both are refused before any stage,
+    and a rerun that starts after prep needs OUT's prepared data."""
+    from plm.pipeline import PipelineConfig, run_pipeline
+
+    (tmp_path / "raw").mkdir()
+    for stages, skipped in ((["prep", "export", "eval"], "['train']"), (["train", "eval"], "['export']")):
+        with pytest.raises(ValueError, match=re.escape(f"skips {skipped}: each stage reads the output of the one before")):
+            run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), stages=stages))
+    for stages, before, need in ((["train", "export"], "prep", "prepared/manifest.json"),
+                                 (["export"], "train", "train/final.pt"), (["eval"], "export", "embeddings/_export.json")):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"starts after {before}, but {tmp_path / 'out' / need} does not exist")):
+            run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), stages=stages))
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_shows_the_tools_own_keys_only():
