@@ -213,6 +213,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def train() -> dict:
         from plm.train.run import train as run_train
 
+        splits = json.loads((paths["prepared"] / "manifest.json").read_text())["splits"]
+        if tcfg.trainer.limit_val_batches != 0 and not splits.get("val", {}).get("windows"):
+            n = sum(v.get("users", 0) for v in splits.values())
+            raise ValueError(f"prep put none of the {n:,} users in the val split: train without validation with "
+                             "\"train_overrides=['trainer.limit_val_batches=0']\", or give val users (more users, "
+                             "or a larger prep.val_fraction)")
         res = run_train(tcfg)
         return {"out": str(paths["train"]), "final": res["final"], "global_step": res["global_step"],
                 "metrics": {k: v for k, v in res["metrics"].items() if k.startswith(("val/", "train/loss"))}}

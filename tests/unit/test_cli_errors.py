@@ -110,6 +110,24 @@ def test_pipeline_stages_must_be_consecutive_and_start_after_an_existing_output(
     assert not (tmp_path / "out").exists()
 
 
+def test_pipeline_names_an_empty_val_split_in_its_own_terms(tmp_path):
+    """A small world whose users all hash into train: the pipeline says to pass
+    trainer.limit_val_batches=0 through train_overrides (plm-train's own message names plm-train's
+    key), before training starts."""
+    import json
+
+    from plm.pipeline import PipelineConfig, run_pipeline
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "out" / "prepared").mkdir(parents=True)
+    splits = {"train": {"users": 5, "windows": 5}, "val": {"users": 0, "windows": 0}, "test": {"users": 0, "windows": 0}}
+    (tmp_path / "out" / "prepared" / "manifest.json").write_text(json.dumps({"splits": splits}))
+    with pytest.raises(ValueError, match=re.escape("none of the 5 users in the val split: train without validation with "
+                                                   "\"train_overrides=['trainer.limit_val_batches=0']\"")):
+        run_pipeline(PipelineConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "out"), stages=["train"]))
+    assert not (tmp_path / "out" / "train").exists()
+
+
 def test_help_shows_the_tools_own_keys_only():
     """`plm-prep --help`: its usage line and config, not plm-train's config groups."""
     r = cli("prep", "--help")
