@@ -512,8 +512,12 @@ def gather_with_grad(z: Tensor) -> tuple[Tensor, int, Tensor]:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z, 0, torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-    from torch.distributed.nn.functional import all_gather
+    import torch.distributed._functional_collectives as fc
 
+    # the functional all-gather with autograd (its backward sums the ranks' gradients of each
+    # rank's rows); torch.distributed.nn.functional.all_gather warns it is deprecated since 2.13,
+    # and all_gather_single (2.13) supersedes all_gather_tensor_autograd (torch >= 2.9 has it)
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
     world, rank = dist.get_world_size(), dist.get_rank()
     n = torch.tensor([z.shape[0]], device=z.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
@@ -521,8 +525,7 @@ def gather_with_grad(z: Tensor) -> tuple[Tensor, int, Tensor]:
     sizes_l = [int(s) for s in sizes]
     m = max(sizes_l)
     zp = torch.cat([z, z.new_zeros(m - z.shape[0], z.shape[1])], 0)
-    parts = all_gather(zp)
-    allz = torch.cat(parts, 0)
+    allz = gather(zp, 0, dist.group.WORLD)  # an async tensor: the first op on it waits (autograd kept)
     ok = torch.cat([torch.arange(m, device=z.device) < s for s in sizes_l])
     return allz, rank * m, ok
 

@@ -100,3 +100,29 @@ def test_fsdp2_cli_distributed_checkpoint_resume_is_exact(tmp_path):
     resumed = cli(tmp_path / "resumed", f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step-2.ckpt'}")
     assert sorted(resumed) == [2, 3]
     assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
+
+
+def test_contrastive_gather_gives_the_one_process_loss_and_gradients(tmp_path):
+    """info_nce over two ranks' gathered views: the ranks' mean loss is the one-process loss on
+    the whole batch, and each rank's rows get the gradient of the sum of the ranks' losses (the
+    gather's backward sums them; DDP then averages), i.e. world x the one-process gradient. No
+    deprecation warning from the collective."""
+    import torch
+
+    from dist.gather_worker import views
+    from plm.train.objectives import info_nce
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(Path(__file__).with_name("gather_worker.py")), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"gather-{i}.json").read_text()) for i in range(2)]
+    z1, z2 = (z.clone().requires_grad_(True) for z in views())
+    loss, _ = info_nce(z1, z2, 0.1, gather=False)
+    loss.backward()
+    assert abs((ranks[0]["loss"] + ranks[1]["loss"]) / 2 - loss.item()) <= 1e-5
+    for i, rk in enumerate(ranks):
+        torch.testing.assert_close(torch.tensor(rk["g1"]), 2 * z1.grad[i::2], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(rk["g2"]), 2 * z2.grad[i::2], rtol=1e-4, atol=1e-6)
+        assert rk["future_warnings"] == [], rk["future_warnings"]
