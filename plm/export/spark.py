@@ -157,20 +157,21 @@ def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | No
             "shared_event_ids": {name: n for name, (_, n) in shared.items()}}
 
 
-def _checked_sources(sources: dict, cutoff: str) -> dict:
-    """The given source DataFrames, their schemas and the cut-off checked (clear errors)."""
+def _checked_sources(sources: dict, cutoff: str, what: str = "embed_raw_spark") -> dict:
+    """The given source DataFrames, their schemas and the cut-off checked (clear errors that
+    name `what` was called)."""
     sources = {k: v for k, v in sources.items() if v is not None}
     unknown = sorted(set(sources) - set(RAW_SOURCES))
     if unknown:
         raise ContractError(f"unknown source(s) {unknown}: the raw sources are {sorted(RAW_SOURCES)}")
     if not sources:
-        raise ValueError("embed_raw_spark: no source DataFrame given (payments, logins or orders)")
+        raise ValueError(f"{what}: no source DataFrame given (payments, logins or orders)")
     if not cutoff:
-        raise ValueError("embed_raw_spark: cutoff=ISO-TIME is required (the as-of time of every vector)")
+        raise ValueError(f"{what}: cutoff=ISO-TIME is required (the as-of time of every vector)")
     try:
         iso_us(cutoff)
     except ValueError:
-        raise ValueError(f"embed_raw_spark: cutoff={cutoff!r} is not an ISO-8601 time (e.g. 2024-06-29T00:00:00Z)") from None
+        raise ValueError(f"{what}: cutoff={cutoff!r} is not an ISO-8601 time (e.g. 2024-06-29T00:00:00Z)") from None
     for name, df in sources.items():
         check_file_schema(name, f"{name} DataFrame", _arrow_schema(df))
     return sources
@@ -191,7 +192,7 @@ def raw_accounting_spark(sources: dict, data: str, cutoff: str) -> dict:
     from data_prep.storage import Location
     from data_prep.transforms import distinct_rows, distinct_shared_ids, flag_distinct, normalize_source
 
-    sources = _checked_sources(sources, cutoff)
+    sources = _checked_sources(sources, cutoff, "raw_accounting_spark")
     manifest = Location.of(data).child("manifest.json").read_json()
     ts_min = manifest.get("ts_window", {}).get("min") or manifest["config"]["ts_min"]
     spark = next(iter(sources.values())).sparkSession

@@ -192,6 +192,8 @@ def test_spark_raw_accounting_names_every_dropped_row(world, spark):
     for source, acc in got.items():
         assert acc["input_rows"] == tables[source].num_rows
         assert acc["input_rows"] == acc["kept_rows"] + acc["quarantined_total"] + acc["duplicate_rows"], source
+    with pytest.raises(ValueError, match="^raw_accounting_spark: cutoff='June' is not an ISO-8601 time"):
+        raw_accounting_spark({s: spark.createDataFrame(t) for s, t in tables.items()}, str(out / "prepared"), "June")
 
 
 def test_spark_raw_path_errors_name_the_problem(world, spark):
