@@ -211,46 +211,34 @@ def raw_accounting_spark(sources: dict, data: str, cutoff: str) -> dict:
     return accounting
 
 
-# event_ids shared between users: collected and broadcast to the anti-join up to this many
-_COLLECT_IDS = 1_000_000
-
-
 def _shared_ids(sources: dict, ts_min: str, cutoff: str) -> dict:
     """{source: (DataFrame of the event_ids that valid rows of two or more users share, or None;
     how many)}. The batch job quarantines all such rows as `conflicting_event_id`; no task here
     sees both users, so they are left out before the embedding job. One job for every source
-    (one shuffle of two columns); conflicts within one user are the tasks' to find, as the batch
-    job's."""
+    (one shuffle of three columns), collected and broadcast like plm-prep's (`broadcastable`:
+    beyond a million, a cached frame); conflicts within one user are the tasks' to find, as the
+    batch job's."""
     from pyspark.sql import functions as F
 
-    from data_prep.transforms import normalize_source, shared_event_ids, valid_rows
+    from data_prep import prep
+    from data_prep.transforms import SOURCE, normalize_source, shared_event_ids, valid_rows
 
     valid = [valid_rows(normalize_source(df, name), name, ts_min, cutoff)
-             .select(F.lit(name).alias(_SRC), "event_id", "user_id") for name, df in sources.items()]
+             .select(F.lit(name).alias(SOURCE), "event_id", "user_id") for name, df in sources.items()]
     union = valid[0]
     for v in valid[1:]:
         union = union.unionByName(v)
-    ids = shared_event_ids(union, by=(_SRC,))
-    rows = ids.limit(_COLLECT_IDS + 1).collect()
-    spark = union.sparkSession
-    many = len(rows) > _COLLECT_IDS  # too many to collect: shuffle joins against the (cached) aggregation
-    if many:
-        ids = ids.cache()
-        counts = {r[_SRC]: r["count"] for r in ids.groupBy(_SRC).count().collect()}
+    ids = prep.broadcastable(union.sparkSession, shared_event_ids(union, by=(SOURCE,)))
+    counts = {} if ids is None else {r[SOURCE]: r["count"] for r in ids.groupBy(SOURCE).count().collect()}
+    collected = sum(counts.values()) <= prep._COLLECT_IDS  # the anti-joins broadcast them
     out = {}
     for name in sources:
-        if many:
-            n = counts.get(name, 0)
-            out[name] = (ids.where(F.col(_SRC) == name).select("event_id") if n else None, n)
-        else:
-            ids_here = [r.event_id for r in rows if r[_SRC] == name]
-            # from Arrow, as data_prep.transforms' vocabularies: the JVM reads it directly, where a
-            # list of rows (up to a million here) is pickled through a Python worker
-            table = spark.createDataFrame(pa.table({"event_id": pa.array(ids_here, pa.string())})) if ids_here else None
-            out[name] = (F.broadcast(table) if table is not None else None, len(ids_here))
-        if out[name][1]:
+        n = counts.get(name, 0)
+        part = ids.where(F.col(SOURCE) == name).select("event_id") if n else None
+        out[name] = (F.broadcast(part) if part is not None and collected else part, n)
+        if n:
             _log.warning("%s: %d event_id(s) used by valid rows of different users: those rows are left out, "
-                         "as plm-prep quarantines them (conflicting_event_id)", name, out[name][1])
+                         "as plm-prep quarantines them (conflicting_event_id)", name, n)
     return out
 
 

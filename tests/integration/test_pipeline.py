@@ -277,12 +277,13 @@ def test_plm_export_raw_mode(world, spark, tmp_path):
 def test_shared_ids_found_alike_collected_or_joined(world, spark, monkeypatch):
     """The shared-id step finds the world's one login id that two users share, whether the ids are
     collected and broadcast (a few) or kept as a cached aggregation (beyond _COLLECT_IDS)."""
+    from data_prep import prep
     from plm.export import spark as S
 
     raw, _, _ = world
     sources = {s: spark.read.parquet(str(raw / s)) for s in ("payments", "logins", "orders")}
     collected = S._shared_ids(sources, "1990-01-01T00:00:00Z", "2100-01-01T00:00:00Z")
-    monkeypatch.setattr(S, "_COLLECT_IDS", 0)
+    monkeypatch.setattr(prep, "_COLLECT_IDS", 0)  # plm-prep's limit, which the export shares
     joined = S._shared_ids(sources, "1990-01-01T00:00:00Z", "2100-01-01T00:00:00Z")
     for found in (collected, joined):
         assert {k: n for k, (_, n) in found.items()} == {"payments": 0, "logins": 1, "orders": 0}
