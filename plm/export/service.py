@@ -41,6 +41,12 @@ from plm.export.model import (
 )
 
 
+def window_start(manifest: dict) -> str:
+    """The start of the valid time window of a prepared folder (its `manifest.json`): rows
+    before it are `ts_out_of_range` for `plm-prep` and for every path that embeds raw rows."""
+    return manifest.get("ts_window", {}).get("min", manifest["config"]["ts_min"])
+
+
 class UserEmbedder:
     """Raw events or prepared windows -> user embeddings with a trained checkpoint (CPU)."""
 
@@ -86,8 +92,7 @@ class UserEmbedder:
         kw.setdefault("max_len", 0)
         if not kw["max_len"]:
             kw["max_len"] = training_max_len(loaded, manifest)
-        obj = cls(loaded, tok, c["max_events"], c["stride"], ts_min=manifest.get("ts_window", {}).get("min", c["ts_min"]),
-                  **kw)
+        obj = cls(loaded, tok, c["max_events"], c["stride"], ts_min=window_start(manifest), **kw)
         obj.tokenizer_sha256 = tok_sha
         return obj
 

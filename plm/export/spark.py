@@ -189,12 +189,12 @@ def raw_accounting_spark(sources: dict, data: str, cutoff: str) -> dict:
     time window's start). One shuffle by user (plm-prep's validation) and one small collect.
     """
     from data_prep.prep import broadcastable, tally_flags
-    from data_prep.storage import Location
     from data_prep.transforms import distinct_rows, distinct_shared_ids, flag_distinct, normalize_source
+    from plm.data.datamodule import read_manifest
+    from plm.export.service import window_start
 
     sources = _checked_sources(sources, cutoff, "raw_accounting_spark")
-    manifest = Location.of(data).child("manifest.json").read_json()
-    ts_min = manifest.get("ts_window", {}).get("min") or manifest["config"]["ts_min"]
+    ts_min = window_start(read_manifest(data))
     spark = next(iter(sources.values())).sparkSession
     distinct = distinct_rows({name: normalize_source(df, name) for name, df in sources.items()}, ts_min, cutoff)
     distinct = distinct.persist()
