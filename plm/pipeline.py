@@ -54,7 +54,7 @@ def compose_train(prepared: str, run_dir: str, preset: str, overrides: list[str]
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from plm.cli.app import conf_dir
+    from plm.cli.app import conf_dir, unknown_keys
 
     over = [f"data.path={prepared}", f"run_dir={run_dir}", f"experiment={preset}", *overrides]
     from hydra.errors import HydraException
@@ -66,9 +66,13 @@ def compose_train(prepared: str, run_dir: str, preset: str, overrides: list[str]
         else:
             with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
                 cfg = compose("train", overrides=over)
-        t = OmegaConf.to_object(cfg)
+        extra = unknown_keys(cfg)
+        t = None if extra else OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as e:  # whole message: hydra lists the options
         raise ValueError(f"preset={preset} train_overrides={list(overrides)}: {str(e).strip() or type(e).__name__}") from e
+    if extra:
+        raise ValueError(f"train_overrides={list(overrides)}: {', '.join(extra)}: not "
+                         f"{'a key' if len(extra) == 1 else 'keys'} of plm-train's config (`plm-train --help` shows it)")
     if not t.name:
         t.name = ",".join([preset, *overrides])[:128]
     return t

@@ -45,6 +45,12 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
         def task(cfg):
             from omegaconf.errors import MissingMandatoryValue
 
+            extra = unknown_keys(cfg)
+            if extra and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                print(f"plm-{config_name}: error: {', '.join(extra)}: not {'a key' if len(extra) == 1 else 'keys'} "
+                      f"of plm-{config_name}'s config (a `+key=value` override adds a key no tool reads; "
+                      f"`plm-{config_name} --help` shows the config)", file=sys.stderr)
+                sys.exit(2)
             try:
                 obj = OmegaConf.to_object(cfg)
             except MissingMandatoryValue as e:  # a required key (`???` in conf/) left unset
@@ -60,11 +66,52 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
             # handler printed
             logging.getLogger("matplotlib").setLevel(logging.WARNING)
             _one_lightning_log(config_name)
+            started.append(True)
             return fn(obj)
 
-        return hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(task)
+        started: list[bool] = []
+        run = hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(task)
+
+        @functools.wraps(fn)
+        def entry() -> Any:
+            # hydra reports an override it cannot apply (an unknown key, a value of the wrong
+            # type, a missing config group option) and exits with 1, before `task` runs; that
+            # is bad input like any other, so it exits with 2 as ours do, and 1 stays for
+            # crashes (an error hydra caught while the task ran)
+            try:
+                return run()
+            except SystemExit as e:
+                if e.code == 1 and not started:
+                    sys.exit(2)
+                raise
+
+        return entry
 
     return deco
+
+
+def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of `cfg` that its typed schema does not have. Hydra's `+key=value` adds a key to
+    a structured config, and `OmegaConf.to_object` sets it as a stray attribute of the dataclass
+    that no code reads: an option accepted and silently ignored (hydra's own error for a
+    misspelt key suggests that very form). Dict-typed fields (`spark.conf`) take any key."""
+    import dataclasses
+
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(cfg, ListConfig):
+        return [k for i in range(len(cfg)) for k in unknown_keys(cfg._get_node(i), f"{prefix}{i}.")]
+    if not isinstance(cfg, DictConfig) or cfg._is_none() or cfg._is_missing():
+        return []
+    schema = OmegaConf.get_type(cfg)
+    names = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    out = []
+    for k in cfg.keys():
+        if names is not None and k not in names:
+            out.append(f"{prefix}{k}")
+        else:
+            out += unknown_keys(cfg._get_node(k), f"{prefix}{k}.")
+    return out
 
 
 def _one_lightning_log(config_name: str) -> None:

@@ -222,7 +222,7 @@ def test_cli_runs_and_bad_overrides_fail_naming_the_key(prepared, tmp_path):
     for bad, name in [("trainer.max_stpes=3", "max_stpes"), ("trainer.max_steps=abc", "max_steps"),
                       ("objective=nope", "nope"), ("trainer.strategy=ddpp", "trainer.strategy")]:
         r = run_cli(f"data.path={prepared}", bad, f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
-        assert r.returncode != 0, bad
+        assert r.returncode == 2, (bad, r.returncode)
         assert name in r.stdout + r.stderr, (bad, (r.stdout + r.stderr)[-2000:])
 
 

@@ -30,6 +30,56 @@ def test_full_error_and_other_exceptions_pass_through(monkeypatch):
         raise RuntimeError("bug")
 
 
+def test_hydra_override_errors_exit_2_and_crashes_exit_1(monkeypatch, tmp_path, capsys):
+    """An override hydra cannot apply is bad input (exit 2, like ours); an error raised while the
+    tool runs that is not bad input is a crash (hydra's exit 1)."""
+    import sys
+
+    from plm.cli.app import hydra_app
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    seen = []
+
+    @hydra_app("synth")
+    def tool(cfg):
+        seen.append(cfg.users)
+        raise RuntimeError("a bug")
+
+    run = [f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"]
+    for bad in ("users=abc", "userz=3", "+nope=1"):
+        monkeypatch.setattr(sys, "argv", ["plm-synth", *run, "out=o", bad])
+        with pytest.raises(SystemExit) as e:
+            tool()
+        assert e.value.code == 2, bad
+    assert seen == []
+    # `+key=value` (what hydra's error for a misspelt key suggests) used to be accepted and ignored
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("plm-synth: error: nope: not a key of plm-synth's config (a `+key=value` override adds a key "
+                   "no tool reads; `plm-synth --help` shows the config)")
+    monkeypatch.setattr(sys, "argv", ["plm-synth", *run, "out=o", "users=7"])
+    with pytest.raises(SystemExit) as e:
+        tool()
+    assert e.value.code == 1 and seen == [7]
+
+
+def test_keys_added_with_plus_are_named_not_ignored():
+    """`+key=value` on a typed config: every key the schema lacks is named, at any depth; dict
+    fields (spark.conf) take any key. plm-pipeline's train_overrides go through the same check."""
+    from hydra import compose, initialize_config_dir
+
+    from plm.cli.app import conf_dir, unknown_keys
+    from plm.pipeline import compose_train
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        assert unknown_keys(compose("pipeline", overrides=["raw=r", "out=o"])) == []
+        cfg = compose("pipeline", overrides=["raw=r", "out=o", "+prep.spark.conf={spark.x: '1'}", "+prep.vocab.mincount=2",
+                                             "+eval.fold=3", "+colour=1"])
+        assert cfg.prep.spark.conf["spark.x"] == "1"
+        assert sorted(unknown_keys(cfg)) == ["colour", "eval.fold", "prep.vocab.mincount"]
+    with pytest.raises(ValueError, match=r"trainer\.max_step: not a key of plm-train's config"):
+        compose_train("prepared", "train", "cpu-small", ["+trainer.max_step=5"])
+
+
 def test_export_refuses_training_keys_of_the_trainer_group():
     from plm.export.config import check_trainer_overrides
 
