@@ -78,6 +78,12 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
             # type, a missing config group option) and exits with 1, before `task` runs; that
             # is bad input like any other, so it exits with 2 as ours do, and 1 stays for
             # crashes (an error hydra caught while the task ran)
+            bare = unquoted_brackets(sys.argv[1:])
+            if bare and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                key, value = bare.split("=", 1)
+                print(f"plm-{config_name}: error: {bare}: hydra reads brackets in a value as a list; quote "
+                      f"the value: \"{key}='{value}'\"", file=sys.stderr)
+                sys.exit(2)
             try:
                 return run()
             except SystemExit as e:
@@ -88,6 +94,18 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
         return entry
 
     return deco
+
+
+def unquoted_brackets(args: list[str]) -> str | None:
+    """The first `key=value` override whose value holds a bracket after plain text, such as
+    `spark.master=local[2]`: hydra's grammar fails on it with "mismatched input '['", which does
+    not name the override. Lists (`[...]`), dicts, quoted values and sweeps (`choice(...)`) pass."""
+    import re
+
+    for a in args:
+        if "=" in a and not a.startswith("-") and re.match(r"[^'\"\[\]{}()]+[\[\]]", a.split("=", 1)[1]):
+            return a
+    return None
 
 
 def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:

@@ -155,6 +155,25 @@ def generated_vs_real(model, batches, horizon: int = 8, n_users: int = 128, seed
     return res
 
 
+def decoder_line(sections: dict[str, dict]) -> str | None:
+    """One console line of `decoder_sections`' headline figures (None without them)."""
+    nxt = sections.get("Next-event prediction (decoder)")
+    if not nxt:
+        return None
+    gen = sections.get("Generated vs real futures", {})
+
+    def f(v, spec):
+        return "n/a" if v is None or v != v else format(v, spec)
+
+    line = (f"plm-eval: next events ({nxt['split']} split, {f(nxt.get('time_n'), ',')} events): mean field accuracy "
+            f"{f(nxt.get('mean_accuracy'), '.3f')}, mean perplexity {f(nxt.get('mean_perplexity'), '.2f')}, "
+            f"time MAE {f(nxt.get('time_mae_hours'), '.3g')} h")
+    if gen.get("users"):
+        line += (f"; {gen['users']} generated futures of {gen['horizon']} events: median gap "
+                 f"{f(gen.get('median_gap_hours_generated'), '.3g')} h (real {f(gen.get('median_gap_hours_real'), '.3g')} h)")
+    return line
+
+
 def decoder_sections(ckpt: str, data: str, split: str = "test", max_batches: int = 0, generate_users: int = 128,
                      horizon: int = 8, seed: int = 0) -> dict[str, dict]:
     """The report sections of a decoder checkpoint on a prepared split (for `run_eval`'s

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -423,6 +424,9 @@ def test_decoder_export_and_next_event_report(trained, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "Next-event prediction (decoder)" in md and "Generated vs real" in md and "perplexity" in md
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("plm-eval: next events"))
+    assert line.startswith("plm-eval: next events (val split, ") and "mean perplexity" in line, line
+    assert re.search(r"; [1-3] generated futures of 2 events: median gap [0-9.e+-]+ h \(real [0-9.e+-]+ h\)$", line), line
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     per_field = rep["extra_sections"]["Next-event per field (teacher forcing)"]
     assert 0.0 <= per_field["merchant"]["accuracy"] <= 1.0 and per_field["merchant"]["perplexity"] > 1.0

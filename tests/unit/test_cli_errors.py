@@ -62,6 +62,30 @@ def test_hydra_override_errors_exit_2_and_crashes_exit_1(monkeypatch, tmp_path, 
     assert e.value.code == 1 and seen == [7]
 
 
+def test_unquoted_brackets_are_named_with_the_quoting_to_use(monkeypatch, capsys):
+    """`spark.master=local[2]` made hydra fail with "mismatched input '['", naming no override."""
+    import sys
+
+    from plm.cli.app import hydra_app, unquoted_brackets
+
+    assert unquoted_brackets(["raw=x", "spark.master=local[2]", "a=b[1]"]) == "spark.master=local[2]"
+    for fine in ("spark.master='local[2]'", "train_overrides=['trainer.max_steps=5']", "x=[1,2]", "+sweep=positions",
+                 "spark.conf={a: '[1]'}", "model.d_model=choice(64,128)", "--help", "out=s3a://b/p"):
+        assert unquoted_brackets([fine]) is None, fine
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    @hydra_app("prep")
+    def tool(cfg):
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(sys, "argv", ["plm-prep", "raw=x", "out=y", "spark.master=local[2]"])
+    with pytest.raises(SystemExit) as e:
+        tool()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("plm-prep: error: spark.master=local[2]: hydra reads brackets in a "
+                                               "value as a list; quote the value: \"spark.master='local[2]'\"")
+
+
 def test_keys_added_with_plus_are_named_not_ignored():
     """`+key=value` on a typed config: every key the schema lacks is named, at any depth; dict
     fields (spark.conf) take any key. plm-pipeline's train_overrides go through the same check."""
