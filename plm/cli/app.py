@@ -46,10 +46,13 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
             from omegaconf.errors import MissingMandatoryValue
 
             extra = unknown_keys(cfg)
-            if extra and os.environ.get("HYDRA_FULL_ERROR") != "1":
-                print(f"plm-{config_name}: error: {', '.join(extra)}: not {'a key' if len(extra) == 1 else 'keys'} "
-                      f"of plm-{config_name}'s config (a `+key=value` override adds a key no tool reads; "
-                      f"`plm-{config_name} --help` shows the config)", file=sys.stderr)
+            if extra:
+                msg = (f"{', '.join(extra)}: not {'a key' if len(extra) == 1 else 'keys'} of plm-{config_name}'s "
+                       f"config (a `+key=value` override adds a key no tool reads; `plm-{config_name} --help` "
+                       "shows the config)")
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise ValueError(msg)
+                print(f"plm-{config_name}: error: {msg}", file=sys.stderr)
                 sys.exit(2)
             try:
                 obj = OmegaConf.to_object(cfg)

@@ -56,6 +56,12 @@ def test_hydra_override_errors_exit_2_and_crashes_exit_1(monkeypatch, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == ("plm-synth: error: nope: not a key of plm-synth's config (a `+key=value` override adds a key "
                    "no tool reads; `plm-synth --help` shows the config)")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the stack trace instead of the line; still refused
+    monkeypatch.setattr(sys, "argv", ["plm-synth", *run, "out=o", "+nope=1"])
+    with pytest.raises(ValueError, match="nope: not a key of plm-synth's config"):
+        tool()
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
+    assert seen == []
     monkeypatch.setattr(sys, "argv", ["plm-synth", *run, "out=o", "users=7"])
     with pytest.raises(SystemExit) as e:
         tool()
