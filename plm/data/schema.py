@@ -220,8 +220,12 @@ NUMERIC_FIELDS: tuple[Field, ...] = (
 ALL_FIELDS = CATEGORICAL_FIELDS + NUMERIC_FIELDS
 FIELD_BY_NAME = {f.name: f for f in ALL_FIELDS}
 
-# Numeric fields whose continuous value is log1p(x) before standardisation (log_dt is already a log).
-LOG_VALUE_FIELDS = ("amount", "n_items", "device_age")
+# Numeric fields whose continuous value is log1p(x) before standardisation (bins are quantiles of
+# x itself). log_dt joined on 2026-11-24: its source column is seconds, and until then its value
+# was standardised raw seconds (heavy-tailed: up to ~28 standard deviations), not the log1p the
+# field promised. A tokenizer.json records each field's `log`, so one fitted before still applies
+# exactly as it was fitted (same format).
+LOG_VALUE_FIELDS = ("amount", "n_items", "log_dt", "device_age")
 
 # --------------------------------------------------------------------------- prepared shards
 

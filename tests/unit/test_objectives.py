@@ -150,8 +150,8 @@ def test_last_event_query_masks_each_sequence_end_and_censors_its_time():
 
 
 def test_replaced_events_come_from_other_sequences_and_train_the_detector():
-    """replace_prob swaps only real, eligible events, each for an event of another sequence
-    (every field but the kept ones, never ts); the head learns to spot them; the objective
+    """replace_prob swaps only real, eligible events, each for an eligible event of another
+    sequence (every field but the kept ones, never ts); the head learns to spot them; the objective
     refuses a model without the head."""
     from plm.model.batch import sequence_index
 
@@ -174,7 +174,8 @@ def test_replaced_events_come_from_other_sequences_and_train_the_detector():
                 vk = value_key(f)
                 if vk in b:
                     same &= b[vk] == out[vk][r, c]
-            assert (same & valid & (seq != seq[r, c])).any()
+            # ... and an eligible (unmasked) one: an event masked in this pass is never copied
+            assert (same & valid & eligible & (seq != seq[r, c])).any()
         for f in others:  # untouched events keep their content
             assert torch.equal(out[f][~swapped], b[f][~swapped])
     cfg = tiny_cfg()
