@@ -249,14 +249,17 @@ class MaskedEventObjective:
 
     def replace_events(self, batch: dict[str, Tensor], fields: list[str], eligible: Tensor,
                        generator) -> tuple[dict[str, Tensor], Tensor]:
-        """Swap each `eligible` event with prob `replace_prob` for a uniformly drawn real event of
-        another sequence of the batch (fields and values, not `replace_keep`, not `ts`). Returns
-        the new batch and the (B, T) bool map of swapped events (a draw from the event's own
-        sequence is dropped, so every True really is foreign)."""
+        """Swap each `eligible` event with prob `replace_prob` for a uniformly drawn `eligible`
+        event of another sequence of the batch (fields and values, not `replace_keep`, not `ts`).
+        Returns the new batch and the (B, T) bool map of swapped events (a draw from the event's
+        own sequence is dropped, so every True really is foreign). The caller passes the unmasked
+        events as `eligible`: an event masked in this pass is neither swapped nor copied, so no
+        other sequence shows a copy of an event the masked loss (and event membership, which must
+        place it in its own sequence) hides in its own."""
         valid = _valid(batch)
         B, T = valid.shape
         seq = sequence_index(batch, valid if valid_mask(batch) is not None else None)[0].reshape(-1)
-        pool = valid.reshape(-1).nonzero().squeeze(1)
+        pool = (valid & eligible).reshape(-1).nonzero().squeeze(1)
         dst = ((_rand((B, T), generator, valid.device) < self.replace_prob) & eligible & valid).reshape(-1)
         dst = dst.nonzero().squeeze(1)
         src = pool[(_rand(dst.shape, generator, valid.device) * len(pool)).long().clamp(max=max(len(pool) - 1, 0))]

@@ -530,3 +530,41 @@ def test_trainer_options_act_or_fail():
     assert isinstance(s, DDPStrategy) and s._process_group_backend == "gloo"
     cfg.trainer.devices = 1
     assert strategy(cfg.trainer) == "auto"
+
+
+def test_each_accumulated_micro_batch_draws_its_own_masks(monkeypatch):
+    """Under trainer.accumulate_grad_batches=k the k micro-batches of one optimizer step used to
+    be masked at the same positions (the draws were seeded by the optimizer step only)."""
+    from dataclasses import asdict
+
+    import lightning.pytorch as pl
+
+    from plm.train.module import PretrainModule
+
+    seen = []
+    make = MaskedEventObjective.make_masks
+
+    def spy(self, batch, fields, generator, last=None):
+        m = make(self, batch, fields, generator, last)
+        seen.append(m["event_type"].clone())
+        return m
+
+    monkeypatch.setattr(MaskedEventObjective, "make_masks", spy)
+    batches = [random_batch(B=4, T=16, seed=i) for i in range(4)]
+    for b in batches:
+        b["attention_mask"] = torch.ones(4, 16, dtype=torch.bool)
+
+    def run(k):
+        seen.clear()
+        mod = PretrainModule(asdict(tiny_cfg()), TOY_VOCAB, list(TOY_NUMERIC),
+                             {"masked": {"weight": 1.0, "event_prob": 0.3}}, {"warmup_steps": 0}, {"max_steps": 4 // k})
+        pl.Trainer(max_steps=4 // k, accumulate_grad_batches=k, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                   accelerator="cpu").fit(mod, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        return list(seen)
+
+    two = run(2)
+    assert len(two) == 4 and not torch.equal(two[0], two[1]) and not torch.equal(two[2], two[3])
+    assert all(not torch.equal(two[i], two[j]) for i in range(4) for j in range(i))
+    one = run(1)  # without accumulation the draws are as before: a function of the step
+    assert len(one) == 4 and torch.equal(one[0], two[0]) and not torch.equal(one[1], one[0])
