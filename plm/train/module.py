@@ -165,16 +165,21 @@ class PretrainModule(pl.LightningModule):
             return False
 
     # ------------------------------------------------------------------------------- steps
-    def _generator(self, stage: str) -> torch.Generator:
+    def _generator(self, stage: str, micro: int = 0) -> torch.Generator:
+        """The masks' and crops' random source: a function of (seed, rank, optimizer step, `micro`
+        = the micro-batch within the step under trainer.accumulate_grad_batches; each of them
+        draws its own masks), so a rerun or a resumed run draws the same ones."""
         rank = self.global_rank if self._trainer is not None else 0
         step = self.global_step if self._trainer is not None else 0
+        k = max(1, int(self.trainer.accumulate_grad_batches)) if self._trainer is not None else 1
+        step = step * k + micro % k  # = global_step without accumulation, as before
         salt = {"train": 0, "val": 1}[stage]
         g = torch.Generator()
         g.manual_seed(((self.seed * 1_000_003 + rank) * 7_919 + step) * 4 + salt)
         return g
 
     def shared_step(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> tuple[Tensor, dict[str, Tensor], dict]:
-        g = self._generator(stage)
+        g = self._generator(stage, batch_idx)
         if stage == "val":
             g.manual_seed(self.seed * 31 + batch_idx)  # the same masks every validation pass
         total = None
@@ -193,7 +198,7 @@ class PretrainModule(pl.LightningModule):
         return total, metrics, ce_sums
 
     def training_step(self, batch, batch_idx):
-        loss, metrics, _ = self.shared_step(batch, "train")
+        loss, metrics, _ = self.shared_step(batch, "train", batch_idx)
         n = batch["attention_mask"].sum() if "attention_mask" in batch else None
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=1)
