@@ -65,6 +65,10 @@ REQUIRED_SPARK_CONF = {
     "spark.sql.legacy.parquet.nanosAsLong": "true",
     # Timestamps written as INT64 microseconds (UTC-adjusted), not the legacy INT96.
     "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    # Column names as the contract spells them: an extra column that differs from a contract
+    # column only in case (`AMOUNT` beside `amount`) is an extra column, ignored; Spark's default
+    # resolution failed the read ("[COLUMN_ALREADY_EXISTS] amount").
+    "spark.sql.caseSensitive": "true",
 }
 
 

@@ -28,6 +28,7 @@ from plm.data.schema import (
     EVENT_TYPE_NAME,
     EVENT_TYPE_ORDER,
     HASHED_FIELDS,
+    INT32_OUT_OF_RANGE,
     MISSING,
     N_SPECIALS,
     NA,
@@ -72,11 +73,22 @@ def normalize_source(df: DataFrame, source: str, ts_is_nanos_long: bool = False)
     `ts` becomes a UTC timestamp (naive timestamps are read as UTC: the session time zone is UTC;
     nanosecond files, read by Spark as longs, are converted). Extra columns are dropped.
     """
+    import pyarrow as pa
+
     cols = []
+    wide = {f.name for f in df.schema.fields if isinstance(f.dataType, (T.LongType, T.DecimalType))}
     for c in RAW_SOURCES[source]:
         if c.name == "ts":
-            col = F.timestamp_micros(F.floor(F.col("ts") / 1000)) if ts_is_nanos_long else F.col("ts")
+            # exact integer floor of ns / 1000 (a double division rounds: ns epochs are past 2^53)
+            ns = F.col("ts")
+            col = F.timestamp_micros(F.expr("(ts - pmod(ts, 1000)) div 1000")) if ts_is_nanos_long else ns
             cols.append(col.cast(T.TimestampType()).alias("ts"))
+        elif pa.types.is_int32(c.type) and c.name in wide:
+            # a wider integer than the contract's int32: a value int32 cannot hold becomes
+            # INT32_OUT_OF_RANGE, which the range checks quarantine (the cast would fail the job)
+            x = F.col(c.name)
+            col = F.when((x > F.lit(2**31 - 1)) | (x < F.lit(-(2**31))), F.lit(INT32_OUT_OF_RANGE)).otherwise(x)
+            cols.append(col.cast(T.IntegerType()).alias(c.name))
         else:
             cols.append(F.col(c.name).cast(_spark_type(c.type)).alias(c.name))
     return df.select(*cols)

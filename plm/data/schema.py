@@ -76,6 +76,10 @@ NUMERIC_RANGES: dict[str, tuple[float, bool, float]] = {
     "mcc": (0.0, False, 9999.0),  # a 4-digit code
 }
 
+# An integer the contract's int32 cannot hold (a file may type an int32 column int64) becomes
+# this value, which every int32 field's range check above refuses: quarantined, not a crash.
+INT32_OUT_OF_RANGE = -(2**31)
+
 # Quarantine reasons (the `reason` column), in the order they are checked: a row gets the first.
 REASONS = (
     "null_event_id",

@@ -35,6 +35,7 @@ from plm.data.schema import (
     EVENT_TYPE_NAME,
     EVENT_TYPE_ORDER,
     HASHED_FIELDS,
+    INT32_OUT_OF_RANGE,
     LOG_VALUE_FIELDS,
     MISSING,
     N_SPECIALS,
@@ -196,11 +197,32 @@ def canonicalize(table: pa.Table, source: str) -> pa.Table:
             col = col.cast(pa.timestamp(col.type.unit, tz="UTC"), safe=False).cast(TS_TYPE, safe=False)
         elif pa.types.is_dictionary(col.type):
             col = col.cast(col.type.value_type).cast(c.type)
+        elif pa.types.is_int32(c.type) and pa.types.is_integer(col.type):
+            col = to_int32(col)
+        elif pa.types.is_float64(c.type):
+            # -0.0 as 0.0: Spark's grouping (the exact-duplicate check) does not tell them apart
+            col = col.cast(c.type)
+            col = pc.if_else(pc.equal(col, 0.0), pa.scalar(0.0), col)
         else:
             col = col.cast(c.type)
         cols.append(col)
         names.append(c.name)
     return pa.table(cols, names=names)
+
+
+def to_int32(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An integer column of any width as the contract's int32. A value int32 cannot hold is
+    `INT32_OUT_OF_RANGE` (int32's minimum), which every int32 field's range check refuses (mcc
+    >= 0, n_items >= 1): the row is quarantined with that field's reason instead of crashing the
+    cast. Like `data_prep.transforms.normalize_source`."""
+    t = col.type
+    if t.bit_width < 32 or pa.types.is_int32(t):
+        return col.cast(pa.int32())
+    bad = pc.greater(col, pa.scalar(2**31 - 1, t))
+    if pa.types.is_signed_integer(t):
+        bad = pc.or_(bad, pc.less(col, pa.scalar(-(2**31), t)))
+    fit = pc.if_else(bad, pa.scalar(0, t), col).cast(pa.int32())
+    return pc.if_else(bad, pa.scalar(INT32_OUT_OF_RANGE, pa.int32()), fit)
 
 
 def iso_us(value: str) -> int:
@@ -328,7 +350,8 @@ def history_features(events: pa.Table) -> pa.Table:
 
     dev = events.column("device_id")
     dev_null = pc.is_null(dev).to_numpy(zero_copy_only=False)
-    dev_codes = pc.dictionary_encode(pc.fill_null(dev, "")).combine_chunks().indices.to_numpy().astype(np.int64)
+    # nulls get their own code (an empty-string device is a device, as in Spark's per-user set)
+    dev_codes = pc.dictionary_encode(dev, null_encoding="encode").combine_chunks().indices.to_numpy().astype(np.int64)
     key = user_codes.astype(np.int64) * (int(dev_codes.max(initial=0)) + 1) + dev_codes
     _, first_idx, inverse = np.unique(key, return_index=True, return_inverse=True)
     device_new = np.zeros(n, dtype=bool)

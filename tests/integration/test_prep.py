@@ -61,9 +61,29 @@ def dirty_world(root):
     t = source_table("logins", [login("naive-1", "u009", ts(9, 6))])
     t = t.set_column(t.schema.get_field_index("ts"), "ts", t.column("ts").cast(pa.timestamp("us")))
     pq.write_table(t, raw / "logins" / "part-1.parquet")
+    # a payments file whose mcc is int64 (any integer width is accepted) with a value int32
+    # cannot hold, and an extra column that differs from a contract column only in case
+    wide = [payment("big-mcc", "u010", ts(9, 13), mcc=3_000_000_000, AMOUNT=1.0),
+            payment("wide-ok", "u010", ts(9, 14), mcc=5812, device_id="", AMOUNT=2.0),
+            payment("empty-dev", "u010", ts(9, 15), device_id="", AMOUNT=3.0),  # "" is a device
+            payment("zero", "u011", ts(9, 13), amount=0.0, AMOUNT=4.0),
+            payment("zero", "u011", ts(9, 13), amount=-0.0, AMOUNT=4.0)]  # -0.0 == 0.0: a replay
+    t = source_table("payments", [{k: v for k, v in r.items() if k != "mcc"} for r in wide])
+    t = t.set_column(t.schema.get_field_index("mcc"), "mcc", pa.array([r["mcc"] for r in wide], pa.int64()))
+    pq.write_table(t, raw / "payments" / "part-2.parquet")
+    # an orders file in nanoseconds (one a nanosecond before the cut-off) with int64 n_items
+    # (one too large for int32)
+    t = source_table("orders", [order("ns-1", "u012", ts(9, 10)), order("ns-2", "u012", ts(19, 23)),
+                                order("big-items", "u012", ts(9, 11))])
+    base = t.column("ts").cast(pa.int64()).to_numpy() * 1000
+    ns = pa.array(np.array([base[0] + 999, 1_705_708_799_999_999_999, base[2]]), pa.int64()).cast(
+        pa.timestamp("ns", tz="UTC"))
+    t = t.set_column(t.schema.get_field_index("ts"), "ts", ns)
+    t = t.set_column(t.schema.get_field_index("n_items"), "n_items", pa.array([1, 2, 2**32 + 1], pa.int64()))
+    pq.write_table(t, raw / "orders" / "part-1.parquet")
     labels = pa.table({"user_id": _users(60), "churn": [i % 2 for i in range(60)]})
     pq.write_table(labels, raw / "labels.parquet")
-    return raw, len(pays) + len(bad) + len(late) + 2, len(logs) + 1, len(ords)
+    return raw, len(pays) + len(bad) + len(late) + 2 + len(wide), len(logs) + 1, len(ords) + 3
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +95,19 @@ def prepared(tmp_path_factory, spark, prep_config):
                       val_fraction=0.2, test_fraction=0.2, rows_per_shard=50)
     manifest = run_prep(cfg, spark=spark)
     return root, manifest, (n_pay, n_log, n_ord)
+
+
+def read_raw(folder):
+    """Every file of a raw source folder as one table (the files' schemas differ: widths of ints,
+    timestamp units, extra columns), as a service would hand them to `encode_raw`."""
+    tables = []
+    for f in sorted(folder.glob("*.parquet")):
+        t = pq.read_table(f)
+        i = t.schema.get_field_index("ts")
+        if t.schema.field(i).type.tz is None:  # naive: UTC, as the contract reads it
+            t = t.set_column(i, "ts", t.column(i).cast(pa.timestamp(t.schema.field(i).type.unit, tz="UTC")))
+        tables.append(t)
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def read_split(out, split):
@@ -92,11 +125,16 @@ def test_accounting_closes_with_every_reason(prepared):
         assert a["input_rows"] == a["kept_rows"] + a["quarantined_total"] + a["duplicate_rows"]
         assert set(a["quarantined_rows"]) == set(REASONS)
     q = acc["payments"]["quarantined_rows"]
-    assert q == {"null_event_id": 1, "null_user_id": 1, "null_ts": 2, "ts_out_of_range": 2, "amount_invalid": 2,
-                 "n_items_invalid": 0, "mcc_invalid": 1, "conflicting_event_id": 2}
-    assert acc["payments"]["duplicate_rows"] == 1
+    # mcc_invalid: -5, and 3,000,000,000 in an int64 column (too large for the contract's int32);
+    # amount_invalid: NaN, -2 and 0.0 (its -0.0 copy is an exact duplicate, as Spark groups them)
+    assert q == {"null_event_id": 1, "null_user_id": 1, "null_ts": 2, "ts_out_of_range": 2, "amount_invalid": 3,
+                 "n_items_invalid": 0, "mcc_invalid": 2, "conflicting_event_id": 2}
+    assert acc["payments"]["duplicate_rows"] == 2
     assert acc["payments"]["after_cutoff_rows"] == 3
-    assert acc["orders"]["quarantined_rows"]["n_items_invalid"] == 1
+    assert acc["orders"]["quarantined_rows"]["n_items_invalid"] == 2  # 0, and 2^32 + 1 in int64
+    # nanoseconds are floored exactly: 1 ns before the cut-off is before it (a double division
+    # rounded it up to the cut-off)
+    assert acc["orders"]["after_cutoff_rows"] == 0
     assert m["cutoff"] == "2024-01-20T00:00:00Z"
     on_disk = json.loads((root / "out" / "manifest.json").read_text())
     assert on_disk["accounting"] == acc and on_disk["splits"] == m["splits"]
@@ -154,9 +192,17 @@ def test_windows_and_time_order(prepared):
 def test_spark_tokens_equal_pure_python(prepared):
     root, m, _ = prepared
     tok = Tokenizer.load(root / "out" / "tokenizer.json")
-    tables = {s: pq.read_table(root / "raw" / s) for s in ("payments", "logins", "orders")}
+    tables = {s: read_raw(root / "raw" / s) for s in ("payments", "logins", "orders")}
+    acc: dict = {}
     py = encode_raw(tables, tok, cutoff=m["cutoff"], ts_min=m["ts_window"]["min"], ts_max=m["ts_window"]["max"],
-                    max_events=4, stride=2)
+                    max_events=4, stride=2, accounting=acc)
+    # the same accounting (an int64 mcc too large for int32, -0.0 beside 0.0, nanoseconds ...)
+    for source, a in acc.items():
+        want = m["accounting"][source]
+        assert {k: a[k] for k in ("input_rows", "kept_rows", "duplicate_rows", "after_cutoff_rows")} == {
+            k: want[k] for k in ("input_rows", "kept_rows", "duplicate_rows", "after_cutoff_rows")}, source
+        assert {r: n for r, n in a["quarantined_rows"].items() if n} == {
+            r: n for r, n in want["quarantined_rows"].items() if n}, source
     spark_rows = pa.concat_tables([t for s in ("train", "val", "test") if (t := read_split(root / "out", s))])
     keys = [("user_id", "ascending"), ("window_index", "ascending")]
     py, spark_rows = py.sort_by(keys), spark_rows.sort_by(keys)
@@ -180,7 +226,7 @@ def test_unseen_values_become_oov_and_vocab_is_train_only(prepared):
     assert u5["currency"][-1] == OOV and u5["merchant"][-1] == OOV
     # vocabularies come from training users only
     train_users = set(read_split(root / "out", "train").column("user_id").to_pylist())
-    pays = pq.read_table(root / "raw" / "payments").to_pylist()
+    pays = read_raw(root / "raw" / "payments").to_pylist()
     eval_only = {p["merchant_id"] for p in pays if p["user_id"] not in train_users} - {
         p["merchant_id"] for p in pays if p["user_id"] in train_users}
     assert not set(pseudonymise(pa.array(sorted(eval_only)), HASHED_FIELDS["merchant"]).to_pylist()) & set(tok.categorical["merchant"])
@@ -203,7 +249,7 @@ def test_private_identifiers_never_written(prepared):
     """device_id nowhere; event_id and merchant_id only in the quarantine (for the data owner):
     tokenizer.json holds merchant pseudonyms, which the raw events map to."""
     root, _, _ = prepared
-    raw = {s: pq.read_table(root / "raw" / s) for s in ("payments", "logins", "orders")}
+    raw = {s: read_raw(root / "raw" / s) for s in ("payments", "logins", "orders")}
     ids = {v for t in raw.values() for c in ("event_id", "merchant_id") if c in t.column_names
            for v in t.column(c).to_pylist() if v is not None}
     merchants = sorted({v for s in ("payments", "orders") for v in raw[s].column("merchant_id").to_pylist() if v})
