@@ -9,7 +9,10 @@ through `plm.data.tokenizer.encode_raw`, the pure-Python twin of `plm-prep` (sam
 duplicate removal, merge order, features, token ids and windows, with the prepared folder's
 `tokenizer.json` and window settings), then through the same `Embedder` and the same bucketed
 batches as `plm-export`: a user's vector equals the batch export's for the same events and
-cut-off (tested). Invalid rows are dropped here as plm-prep quarantines them, and
+cut-off (tested). Invalid rows are dropped here as plm-prep quarantines them (the same valid
+time window: from the prepared folder's start to its configured `ts_max`, else one day after
+this run, as plm-prep's default; rows after the cut-off are valid and left out of the
+sequences, so an event id they share with an earlier row conflicts as in plm-prep), and
 `accounting` says how many of each source's rows were kept, quarantined (per reason), duplicates
 or at/after the cut-off (plm-prep's manifest accounting); a user with no valid event before the
 cut-off has no row, and `missing_users` says which.
@@ -47,18 +50,32 @@ def window_start(manifest: dict) -> str:
     return manifest.get("ts_window", {}).get("min", manifest["config"]["ts_min"])
 
 
+def window_end(manifest: dict | None = None, ts_max: str | None = None) -> str:
+    """The end of the valid time window for raw rows, by plm-prep's rule: `ts_max` if given,
+    else the prepared folder's configured `ts_max`, else one day after now (plm-prep's default,
+    at this run's time). Resolve it once per job: Spark's executors get the driver's value."""
+    import datetime as dt
+
+    ts_max = ts_max or (manifest or {}).get("config", {}).get("ts_max")
+    if ts_max:
+        return ts_max
+    end = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(days=1)
+    return end.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class UserEmbedder:
     """Raw events or prepared windows -> user embeddings with a trained checkpoint (CPU)."""
 
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, max_events: int, stride: int,
                  ts_min: str = "1990-01-01T00:00:00Z", max_len: int = 0, pooling: str = DEFAULT_POOLING,
-                 normalize: bool = False, quantize: str = "none", max_tokens: int = 0):
+                 normalize: bool = False, quantize: str = "none", max_tokens: int = 0, ts_max: str | None = None):
         from plm.export.run import auto_max_tokens, check_vocab
 
         check_vocab(loaded, tokenizer.vocab_sizes(), "the given tokenizer")
         self.loaded = loaded
         self.tokenizer = tokenizer
         self.max_events, self.stride, self.ts_min = int(max_events), int(stride), ts_min
+        self.ts_max = ts_max  # None: one day after each embed_raw call (window_end)
         self.max_len = int(max_len or max_events)
         if max_tokens < 0 or 0 < max_tokens < self.max_len:  # as plm-export refuses it
             raise ValueError(f"max_tokens={max_tokens} is smaller than one sequence of max_len={self.max_len} "
@@ -77,8 +94,9 @@ class UserEmbedder:
     @classmethod
     def from_files(cls, ckpt: str, data: str, **kw) -> UserEmbedder:
         """`ckpt`: final.pt (or run folder); `data`: the prepared folder the model was trained on
-        (its tokenizer.json and window settings are used). `kw`: max_len (0 = training length),
-        pooling, normalize, quantize, max_tokens."""
+        (its tokenizer.json, window settings and valid time window are used). `kw`: max_len (0 =
+        training length), pooling, normalize, quantize, max_tokens, ts_max (default: the prepared
+        folder's configured one, else one day after each call, as plm-prep's)."""
         from plm.data.datamodule import read_manifest, read_tokenizer_json
         from plm.export.run import training_max_len
 
@@ -90,6 +108,7 @@ class UserEmbedder:
         tok = Tokenizer.from_dict(json.loads(tok_bytes))
         c = manifest["config"]
         kw.setdefault("max_len", 0)
+        kw["ts_max"] = kw.get("ts_max") or c.get("ts_max")
         if not kw["max_len"]:
             kw["max_len"] = training_max_len(loaded, manifest)
         obj = cls(loaded, tok, c["max_events"], c["stride"], ts_min=window_start(manifest), **kw)
@@ -117,8 +136,8 @@ class UserEmbedder:
         self.accounting = {}
         try:
             windows = encode_raw(tables, self.tokenizer, cutoff=cutoff, ts_min=self.ts_min,
-                                 ts_max=cutoff or "2100-01-01T00:00:00Z", max_events=self.max_events, stride=self.stride,
-                                 accounting=self.accounting)
+                                 ts_max=window_end(ts_max=self.ts_max), max_events=self.max_events,
+                                 stride=self.stride, accounting=self.accounting)
         except ValueError as e:
             if "no valid events" not in str(e):
                 raise

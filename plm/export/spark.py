@@ -59,7 +59,8 @@ _WORKER_CACHE: dict[tuple, object] = {}  # (bundle, options) -> UserEmbedder, pe
 
 def embed_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, *,
                     partitions: int | None = None, rows_per_call: int = 200_000, pooling: str | None = None,
-                    normalize: bool = False, quantize: str = "none", max_len: int = 0, max_tokens: int = 0):
+                    normalize: bool = False, quantize: str = "none", max_len: int = 0, max_tokens: int = 0,
+                    ts_max: str | None = None):
     """Raw contract DataFrames -> a DataFrame of user embeddings, computed on the executors.
 
     `sources`: {"payments"|"logins"|"orders": DataFrame} (any subset; extra columns ignored;
@@ -68,14 +69,16 @@ def embed_raw_spark(sources: dict, ckpt: str, data: str, cutoff: str, *,
     the as-of time of every vector (the `as_of` column): events at or after it are ignored.
     `partitions`: partitions by user_id (default: sized by Spark's adaptive execution from
     spark.sql.shuffle.partitions and spark.sql.adaptive.advisoryPartitionSizeInBytes). `rows_per_call`:
-    raw rows handed to the model at once per task. One row per user with at least one valid
-    event before the cut-off.
+    raw rows handed to the model at once per task. `ts_max`: the end of the valid time window
+    (default: the prepared folder's configured one, else one day after this call, plm-prep's
+    rule; rows after the cut-off and before it are valid, left out of the sequences). One row per
+    user with at least one valid event before the cut-off.
     """
     from pyspark.sql import functions as F
 
     plan = _plan(sources, ckpt, data, cutoff, partitions, rows_per_call,
                  {"pooling": pooling, "normalize": normalize, "quantize": quantize, "max_len": max_len,
-                  "max_tokens": max_tokens})
+                  "max_tokens": max_tokens, "ts_max": ts_max})
     key, names = plan["key"], plan["names"]
 
     def embed(batches):
@@ -123,7 +126,7 @@ def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | No
     from pyspark.sql import functions as F
 
     from plm.export.model import DEFAULT_POOLING
-    from plm.export.service import UserEmbedder
+    from plm.export.service import UserEmbedder, window_end
 
     sources = _checked_sources(sources, cutoff)
     if rows_per_call < 1:
@@ -132,14 +135,16 @@ def _plan(sources: dict, ckpt: str, data: str, cutoff: str, partitions: int | No
         raise ValueError(f"partitions={partitions}: must be >= 1")
     opts = {"pooling": opts.get("pooling") or DEFAULT_POOLING, "normalize": bool(opts.get("normalize", False)),
             "quantize": opts.get("quantize", "none"), "max_len": int(opts.get("max_len", 0)),
-            "max_tokens": int(opts.get("max_tokens", 0))}
+            "max_tokens": int(opts.get("max_tokens", 0)), "ts_max": opts.get("ts_max")}
     local = UserEmbedder.from_files(ckpt, data, **opts)  # the checkpoint's checks, on the driver
+    # the valid time window's end, resolved once here: every executor validates with it
+    local.ts_max = opts["ts_max"] = window_end(ts_max=local.ts_max)
     _require_pandas()
     spark = next(iter(sources.values())).sparkSession
     _check_workers(spark)
     bundle = _ship(spark, local.loaded.path, data, local.tokenizer_sha256)
 
-    shared = _shared_ids(sources, local.ts_min, cutoff)
+    shared = _shared_ids(sources, local.ts_min, local.ts_max)
     frames = []
     for name, df in sources.items():
         if shared[name][0] is not None:
@@ -177,31 +182,33 @@ def _checked_sources(sources: dict, cutoff: str, what: str = "embed_raw_spark") 
     return sources
 
 
-def raw_accounting_spark(sources: dict, data: str, cutoff: str) -> dict:
+def raw_accounting_spark(sources: dict, data: str, cutoff: str, ts_max: str | None = None) -> dict:
     """What `embed_raw_spark(sources, ckpt, data, cutoff)` does with every input row, per source,
     counted as plm-prep's manifest counts them: {source: {input_rows, kept_rows, duplicate_rows,
     quarantined_rows: {reason: n}, quarantined_total, after_cutoff_rows}}, `input_rows = kept_rows
     + quarantined_total + duplicate_rows`. The embedding job drops the quarantined rows and the
-    duplicates; this names them. Rows at or after the cut-off are `ts_out_of_range` (the
-    embedding's time window ends at the cut-off), as `UserEmbedder.embed_raw` counts them; ids that
-    valid rows of two users share are `conflicting_event_id`, as in plm-prep (the embedding job
-    leaves them out before its tasks). `data`: the prepared folder the model was trained on (its
-    time window's start). One shuffle by user (plm-prep's validation) and one small collect.
+    duplicates; this names them. The valid time window is plm-prep's (`service.window_end`: from
+    the prepared folder's start to `ts_max`, else its configured end, else one day after now);
+    valid rows at or after the cut-off are `after_cutoff_rows`; ids that valid rows of two users
+    share are `conflicting_event_id`, as in plm-prep (the embedding job leaves them out before its
+    tasks). `data`: the prepared folder the model was trained on. One shuffle by user (plm-prep's
+    validation) and one small collect.
     """
     from data_prep.prep import broadcastable, tally_flags
     from data_prep.transforms import distinct_rows, distinct_shared_ids, flag_distinct, normalize_source
     from plm.data.datamodule import read_manifest
-    from plm.export.service import window_start
+    from plm.export.service import window_end, window_start
 
     sources = _checked_sources(sources, cutoff, "raw_accounting_spark")
-    ts_min = window_start(read_manifest(data))
+    manifest = read_manifest(data)
+    ts_min, ts_max = window_start(manifest), window_end(manifest, ts_max)
     spark = next(iter(sources.values())).sparkSession
-    distinct = distinct_rows({name: normalize_source(df, name) for name, df in sources.items()}, ts_min, cutoff)
+    distinct = distinct_rows({name: normalize_source(df, name) for name, df in sources.items()}, ts_min, ts_max)
     distinct = distinct.persist()
     try:
         shared = broadcastable(spark, distinct_shared_ids(distinct))
         accounting = {name: zero_accounting() for name in sources}
-        seen = tally_flags(flag_distinct(distinct, ts_min, cutoff, shared), accounting, after=cutoff)
+        seen = tally_flags(flag_distinct(distinct, ts_min, ts_max, shared), accounting, after=cutoff)
     finally:
         distinct.unpersist()
     for name, acc in accounting.items():
@@ -211,7 +218,7 @@ def raw_accounting_spark(sources: dict, data: str, cutoff: str) -> dict:
     return accounting
 
 
-def _shared_ids(sources: dict, ts_min: str, cutoff: str) -> dict:
+def _shared_ids(sources: dict, ts_min: str, ts_max: str) -> dict:
     """{source: (DataFrame of the event_ids that valid rows of two or more users share, or None;
     how many)}. The batch job quarantines all such rows as `conflicting_event_id`; no task here
     sees both users, so they are left out before the embedding job. One job for every source
@@ -223,7 +230,7 @@ def _shared_ids(sources: dict, ts_min: str, cutoff: str) -> dict:
     from data_prep import prep
     from data_prep.transforms import SOURCE, normalize_source, shared_event_ids, valid_rows
 
-    valid = [valid_rows(normalize_source(df, name), name, ts_min, cutoff)
+    valid = [valid_rows(normalize_source(df, name), name, ts_min, ts_max)
              .select(F.lit(name).alias(SOURCE), "event_id", "user_id") for name, df in sources.items()]
     union = valid[0]
     for v in valid[1:]:

@@ -164,30 +164,52 @@ def test_spark_raw_path_equals_batch_export(world, spark):
 
 
 def test_spark_raw_accounting_names_every_dropped_row(world, spark):
-    """raw_accounting_spark counts what embed_raw_spark drops, per source and reason, as the
-    pure-Python twin (`encode_raw`) counts the same rows when it sees every user at once: dirty
-    rows, a replay, rows after the cut-off and the id two users' logins share included."""
+    """raw_accounting_spark counts what embed_raw_spark drops, per source and reason, as plm-prep's
+    manifest counts the same folder, and as the pure-Python twin (`encode_raw`) counts the same
+    rows when it sees every user at once: dirty rows, a replay, rows after the cut-off (valid,
+    not out of range), an id whose two different rows straddle the cut-off, and the id two
+    users' logins share."""
     from plm.data.tokenizer import Tokenizer, encode_raw
+    from plm.export.service import window_end
     from plm.export.spark import raw_accounting_spark
 
     raw, out, _ = world
     manifest = json.loads((out / "prepared" / "manifest.json").read_text())
-    cutoff = "2024-06-01T00:00:00Z"  # before the end of the world: later rows are out of range
     tables = {s: pq.read_table(raw / s) for s in ("payments", "logins", "orders")}
+    prep = raw_accounting_spark({s: spark.createDataFrame(t) for s, t in tables.items()}, str(out / "prepared"),
+                                manifest["cutoff"], ts_max=manifest["ts_window"]["max"])
+    for source, acc in prep.items():  # the raw folder plm-prep prepared: its very counts
+        m = manifest["accounting"][source]
+        assert {k: acc[k] for k in ("input_rows", "kept_rows", "duplicate_rows", "after_cutoff_rows")} == {
+            k: m[k] for k in ("input_rows", "kept_rows", "duplicate_rows", "after_cutoff_rows")}, source
+        assert {r: n for r, n in acc["quarantined_rows"].items() if n} == {
+            r: n for r, n in m["quarantined_rows"].items() if n}, source
+    cutoff = "2024-06-01T00:00:00Z"  # before the end of the world: later rows are valid, after it
     pay = tables["payments"].to_pylist()
     at_cutoff = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
+    early = next(r for r in pay if r["ts"] is not None and r["ts"] < at_cutoff - dt.timedelta(days=3)
+                 and r["amount"] is not None and r["amount"] > 0)
     pay += [pay[0], {**pay[1], "ts": None}, {**pay[2], "event_id": "nan-row", "amount": float("nan")},
-            {**pay[3], "event_id": "at-cutoff", "ts": at_cutoff}]
+            {**pay[3], "event_id": "at-cutoff", "ts": at_cutoff},
+            {**early, "amount": early["amount"] + 1, "ts": at_cutoff + dt.timedelta(days=2)}]  # same id, later
     tables["payments"] = pa.Table.from_pylist(pay, schema=tables["payments"].schema)
-    got = raw_accounting_spark({s: spark.createDataFrame(t) for s, t in tables.items()}, str(out / "prepared"), cutoff)
+    end = window_end(manifest)
+    got = raw_accounting_spark({s: spark.createDataFrame(t) for s, t in tables.items()}, str(out / "prepared"), cutoff,
+                               ts_max=end)
     want: dict = {}
     tok = Tokenizer.from_dict(json.loads((out / "prepared" / "tokenizer.json").read_text()))
-    encode_raw(tables, tok, cutoff=cutoff, ts_min=manifest["ts_window"]["min"], ts_max=cutoff, accounting=want)
+    encode_raw(tables, tok, cutoff=cutoff, ts_min=manifest["ts_window"]["min"], ts_max=end, accounting=want)
     assert got == want
-    p = got["payments"]
-    assert p["duplicate_rows"] == 1 and p["after_cutoff_rows"] == 1
-    assert p["quarantined_rows"]["null_ts"] == 1 and p["quarantined_rows"]["amount_invalid"] == 1
-    assert p["quarantined_rows"]["ts_out_of_range"] > 0
+    p, before = got["payments"], prep["payments"]
+
+    def more(reason):  # quarantined for `reason` beyond the prepared folder's own rows
+        return p["quarantined_rows"].get(reason, 0) - before["quarantined_rows"].get(reason, 0)
+
+    assert p["duplicate_rows"] == before["duplicate_rows"] + 1
+    assert p["after_cutoff_rows"] > 100  # every valid row from 1 June on, the one at the cut-off among them
+    assert more("null_ts") == 1 and more("amount_invalid") == 1 and more("ts_out_of_range") == 0
+    # the id whose second row comes after the cut-off: both rows conflict, as plm-prep has it
+    assert more("conflicting_event_id") == 2
     assert got["logins"]["quarantined_rows"]["conflicting_event_id"] == 2  # the shared id, both users' rows
     for source, acc in got.items():
         assert acc["input_rows"] == tables[source].num_rows
