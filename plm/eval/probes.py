@@ -310,12 +310,14 @@ def binary_metrics(y, p, W, n_bins: int) -> dict[str, np.ndarray]:
 
 
 def multiclass_metrics(y, P, W, n_bins: int) -> dict[str, np.ndarray]:
+    # one-vs-rest AUCs rank the given scores: clipping and renormalising rows (for the log loss)
+    # would break ties between rows of different sums (sklearn's roc_auc_score ranks them as given)
+    present = [k for k in range(P.shape[1]) if (y == k).any()]
+    aucs = np.stack([w_auc(y == k, P[:, k], W) for k in present], axis=0) if len(present) > 1 else np.full((1, W.shape[0]), np.nan)
     P = np.clip(P, _EPS, 1.0)
     P = P / P.sum(1, keepdims=True)
     pred = P.argmax(1)
     conf = P.max(1)
-    present = [k for k in range(P.shape[1]) if (y == k).any()]
-    aucs = np.stack([w_auc(y == k, P[:, k], W) for k in present], axis=0) if len(present) > 1 else np.full((1, W.shape[0]), np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample missing a class: nanmean of the rest
         macro = np.nanmean(aucs, axis=0)

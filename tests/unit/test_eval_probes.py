@@ -84,6 +84,10 @@ def test_weighted_metrics_equal_sklearn_on_a_resample():
     mc = multiclass_metrics(yc, P, W, 10)
     assert mc["log_loss"][0] == pytest.approx(log_loss(yc[idx], P[idx], labels=[0, 1, 2]))
     assert mc["roc_auc_macro_ovr"][0] == pytest.approx(roc_auc_score(yc[idx], P[idx], multi_class="ovr", average="macro"))
+    # quantised scores with ties (quarters): ranked as given, not after clipping and renormalising
+    Q = rng.multinomial(4, np.ones(3) / 3, n) / 4.0
+    want = np.mean([roc_auc_score(yc[idx] == k, Q[idx, k]) for k in range(3)])
+    assert multiclass_metrics(yc, Q, W, 10)["roc_auc_macro_ovr"][0] == pytest.approx(want)
 
 
 def test_ece_calibrated_is_zero_and_overconfident_is_the_gap():
