@@ -42,7 +42,7 @@ class ExportConfig:
     row_group_size: int = 8192  # embeddings per Parquet row group (rows buffered before a write)
     index: str = "none"  # none | flat (exact cosine) | hnsw: a FAISS index beside the Parquet (faiss-cpu)
     min_cosine: float = 0.99  # quantize/onnx: fail if any checked user's cosine with fp32 is lower
-    agreement_users: int = 512  # users (first batches) compared with the fp32 model
+    agreement_users: int = 512  # users compared with the fp32 model (spread over the first block's lengths)
     opset: int = 23  # ONNX opset, >= 18; 23+: one fused Attention node per block (ONNX Runtime >= 1.23)
     progress: bool = True  # progress bar
     # raw=DIR: embed the raw tables of DIR ({payments,logins,orders}/*.parquet, any Hadoop-FS URI)
