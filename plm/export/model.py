@@ -241,6 +241,17 @@ def resolve_pooling(model: nn.Module, pooling: str, as_of_query: bool = False) -
     return "+".join(parts)
 
 
+def check_positions(model: nn.Module, pooling: str, max_len: int) -> None:
+    """The as-of query is one more event after a history of up to `max_len`: a model with learned
+    absolute positions needs a row for it (else a ValueError naming the fix, before any batch)."""
+    pos = model.cfg.position
+    if "asof" in pooling.split("+") and pos.absolute == "learned" and max_len >= pos.max_len:
+        raise ValueError(f"pooling={pooling}: the as-of query comes after up to max_len={max_len} events, at position "
+                         f"{max_len}, and the model's learned absolute positions stop at position.max_len="
+                         f"{pos.max_len}: export with max_len={pos.max_len - 1} (the most recent "
+                         f"{pos.max_len - 1} events), or without asof")
+
+
 def has_bank(model: nn.Module) -> bool:
     """The encoder has the membership head's event-count detectors (`bank` pooling)."""
     head = getattr(model, "membership", None)

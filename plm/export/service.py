@@ -38,6 +38,7 @@ from plm.export.model import (
     DEFAULT_POOLING,
     Embedder,
     LoadedModel,
+    check_positions,
     check_tokenizer,
     load_checkpoint,
     quantize_int8,
@@ -84,6 +85,7 @@ class UserEmbedder:
         self.max_tokens = int(max_tokens) or auto_max_tokens(loaded.model.cfg.d_model, self.max_len)
         self.normalize = normalize
         self.embedder = Embedder(loaded.model, pooling, as_of_query=loaded.as_of_query)
+        check_positions(loaded.model, self.embedder.pooling, self.max_len)
         if quantize == "int8":
             self.embedder = quantize_int8(self.embedder)
         elif quantize != "none":

@@ -415,3 +415,22 @@ def test_a_model_trained_with_xformers_embeds_with_sdpa_where_xformers_cannot_ru
     b = padded(random_batch(VOCAB, NUMERIC, B=3, T=9, seed=1), [9, 5, 2])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(b).pooled, model(b).pooled)
+
+
+def test_asof_with_learned_positions_needs_a_row_for_the_query():
+    """The as-of query is one more event after the history: with learned absolute positions and a
+    history as long as the table, the export failed deep in a batch ("position 16 >=
+    position.max_len=16"); it is refused up front, naming the max_len that fits."""
+    from plm.export.model import check_positions
+
+    cfg = ModelConfig(d_model=32, n_layers=1, attention=AttentionConfig(n_heads=2),
+                      position=PositionConfig(absolute="learned", max_len=16, rope="both"))
+    enc = PLMEncoder(cfg.validate(), VOCAB, NUMERIC).eval()
+    emb = Embedder(enc, "mean+asof", as_of_us=T0_US + 10**12)
+    check_positions(enc, emb.pooling, 15)  # room for the query at position 15
+    with pytest.raises(ValueError, match=r"position.max_len=16: export with max_len=15"):
+        check_positions(enc, emb.pooling, 16)
+    check_positions(enc, "mean", 16)  # no query, no extra position
+    b = random_batch(B=2, T=15, seed=0, vocab=VOCAB, numeric=NUMERIC)
+    b["attention_mask"] = torch.ones(2, 15, dtype=torch.bool)
+    assert torch.isfinite(emb(b)).all()  # and 15 events + the query do run
