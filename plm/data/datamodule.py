@@ -427,17 +427,18 @@ class PLMDataModule(pl.LightningDataModule):
         c = self.config
         splits = (splits,) if isinstance(splits, str) else tuple(splits)
         train = mode == "train"
+        max_len = c.max_len if train or not c.eval_max_len else c.eval_max_len
         return PLMStream(
             self.index(splits),
             mode=mode,
-            max_len=c.max_len if train or not c.eval_max_len else c.eval_max_len,
+            max_len=max_len,
             batch_mode=c.batch_mode,
             max_tokens=c.max_tokens,
             max_batch_size=c.max_batch_size,
             shuffle_buffer=c.shuffle_buffer,
             seed=c.seed,
             subwindow=c.subwindow,
-            min_len=c.min_len,
+            min_len=c.min_len if train else min(c.min_len, max_len),  # sub-windows are training's
             even_batches=c.even_batches if train else (c.eval_even_batches if mode == "eval" else "off"),
             rank=None if c.rank < 0 else c.rank,
             world_size=None if c.world_size < 0 else c.world_size,
@@ -477,4 +478,11 @@ class PLMDataModule(pl.LightningDataModule):
                 warnings.warn(f"predict: split {s!r} has no shards; skipped", stacklevel=2)
         if not splits:
             raise ValueError(f"{self.config.path}: none of predict_splits={self.config.predict_splits!r} has shards")
-        return self.loader(self.stream(tuple(splits), "predict"), resumable=False)
+        stream = self.stream(tuple(splits), "predict")
+        _, world = stream.resolve_distributed()
+        consumers = world * max(1, self.config.num_workers)
+        if stream.n_samples < consumers:  # the same on every rank: all stop here, none in a collective
+            raise ValueError(f"predict: {stream.n_samples} user(s) for {world} process(es) x "
+                             f"{max(1, self.config.num_workers)} loader worker(s): some would have no user; "
+                             f"run with at most {stream.n_samples} processes x workers")
+        return self.loader(stream, resumable=False)

@@ -148,8 +148,7 @@ class SplitIndex:
         fs = filesystem
         files, n_events, window_index = [], [], []
         for path, expected in shards:
-            fs_i, p = resolve_fs(path, fs)
-            fs = fs_i
+            fs, p = resolve_fs(path, filesystem)  # each URI resolved on its own
             try:
                 pf = pq.ParquetFile(fs.open_input_file(p))
             except FileNotFoundError as e:
@@ -431,6 +430,12 @@ class PLMStream(IterableDataset):
             counts = [self.natural_count(epoch, c, n_consumers) for c in range(n_consumers)]
             if mode == "drop":
                 target = min(counts)
+                if target == 0 and max(counts):
+                    raise ValueError(
+                        f"even_batches='drop': a consumer has no windows ({self.n_samples} samples for "
+                        f"{n_consumers} rank x worker consumers), so every consumer would drop all of its "
+                        "batches; use fewer workers or ranks"
+                    )
             else:
                 target = max(counts)
                 if target and min(counts) == 0:

@@ -255,3 +255,47 @@ def test_batches_run_through_the_encoder_packed_equals_bucketed(prepared):
     assert all(len(v) == 2 for v in pooled.values())
     for a, b in pooled.values():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_the_export_agreement_sample_spans_every_history_length(tmp_path):
+    """plm-export checks int8 / compiled / ONNX agreement on a sample of users: predict batches
+    are bucketed shortest first within each block, so the first batches held only the shortest
+    histories; the sample now spans the block's lengths, its longest batch included."""
+    from plm.export.run import _sample_batches
+
+    lengths = [1 + (7 * u) % 48 for u in range(120)]  # 1..48 events, mixed order
+    prep = write_prepared(tmp_path / "p", {"train": lengths, "val": [], "test": []}, max_events=48, stride=48)
+    data = PLMDataModule(str(prep), max_len=48, batch_mode="bucketed", max_tokens=96, shuffle_buffer=200, seed=0,
+                         predict_splits="train")
+    everyone = [int(n) for b in data.predict_dataloader() for n in b["lengths"]]
+    assert max(everyone) == 48 and min(everyone) == 1
+    sample = _sample_batches(data, 24)
+    got = [int(n) for b in sample for n in b["lengths"]]
+    assert max(got) == 48 and min(got) == 1  # both ends of the block (the first batches alone: 1..2)
+    assert len(set(got)) >= 6 and len(got) <= 24 + len(sample)  # spread, about the asked number
+    for b in sample:  # each kept batch cut consistently: one row per user in every per-user field
+        assert len(b["user_id"]) == b["lengths"].shape[0] == b["attention_mask"].shape[0]
+
+
+def test_eval_streams_take_min_len_only_up_to_their_length(prepared):
+    """min_len bounds training sub-windows; with eval_max_len below it the validation and predict
+    loaders failed ("min_len=8 must be in [1, max_len=4]") after training had been set up."""
+    data = PLMDataModule(str(prepared), max_len=16, eval_max_len=4, min_len=8, max_tokens=64,
+                         subwindow="random_length", predict_splits="train")
+    assert len(data.train_dataloader()) > 0
+    assert max(int(n) for b in data.val_dataloader() for n in b["lengths"]) == 4
+    assert sum(len(b["user_id"]) for b in data.predict_dataloader()) > 0
+
+
+def test_predict_with_fewer_users_than_processes_is_named(tmp_path):
+    """Every process gets a share of the users: with fewer users than processes x workers some
+    would get none (Lightning refuses an empty predict loader deep in the loop); every rank stops
+    with the same message instead."""
+    prep = write_prepared(tmp_path / "p", {"train": [5], "val": [], "test": []})
+    for rank in (0, 1):
+        data = PLMDataModule(str(prep), max_len=8, batch_mode="bucketed", max_tokens=64, rank=rank, world_size=2,
+                             predict_splits="train")
+        with pytest.raises(ValueError, match=r"predict: 1 user\(s\) for 2 process\(es\) x 1 loader worker"):
+            data.predict_dataloader()
+    one = PLMDataModule(str(prep), max_len=8, batch_mode="bucketed", max_tokens=64, predict_splits="train")
+    assert len([u for b in one.predict_dataloader() for u in b["user_id"]]) == 1

@@ -278,9 +278,13 @@ def test_even_batches_drop_and_pad(index, windows):
     assert stream(index, even_batches="auto", rank=0, world_size=1).even_mode() == "off"
 
 
-def test_pad_with_an_empty_consumer_is_an_error(index):
+def test_pad_or_drop_with_an_empty_consumer_is_an_error(index):
     st = stream(index, even_batches="pad")
     with pytest.raises(ValueError, match="has no windows"):
+        st.target_count(0, index.n_windows + 1)
+    # drop: every consumer would have dropped all of its batches (an empty epoch, silently)
+    st = stream(index, even_batches="drop")
+    with pytest.raises(ValueError, match="even_batches='drop': a consumer has no windows"):
         st.target_count(0, index.n_windows + 1)
 
 
@@ -298,6 +302,11 @@ def test_index_checks_rows_files_and_columns(prepared, tmp_path):
     pq.write_table(t, tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"bad.parquet lacks the shard columns \['merchant'\]"):
         SplitIndex.open([(str(tmp_path / "bad.parquet"), None)])
+    # URIs: every shard's own (the second one kept the first one's scheme-less path rule)
+    shards = man["splits"]["train"]["shards"]
+    assert len(shards) > 1
+    uris = SplitIndex.open([("file://" + str(prepared / x["path"]), x["rows"]) for x in shards])
+    assert uris.n_windows == SplitIndex.open([(str(prepared / x["path"]), x["rows"]) for x in shards]).n_windows
 
 
 def test_bad_arguments_are_named(index):
