@@ -183,6 +183,11 @@ class ModelConfig:
               f"head_dim={self.head_dim} too odd for position.rope={p.rope}")
         for b in bias_schemes(p.bias):
             check(b in ("alibi", "t5", "time_alibi", "time_bucket"), f"unknown position.bias '{b}'")
+        # (for an encoder's two directions as for a decoder's one: the buckets split by direction)
+        check(p.t5_buckets >= 4 and p.t5_max_distance > p.t5_buckets // 2,
+              f"position.t5_buckets={p.t5_buckets} needs >= 4 and t5_max_distance={p.t5_max_distance} "
+              f"> t5_buckets / 2 (the exact buckets; the rest are log-spaced up to it)")
+        check(p.time_buckets >= 4, f"position.time_buckets={p.time_buckets} needs >= 4 (2 per direction at least)")
         e = self.embedding
         check(e.numeric in ("bin", "linear", "periodic", "both"), f"unknown embedding.numeric '{e.numeric}'")
         check(e.combine in ("sum", "concat"), f"unknown embedding.combine '{e.combine}'")

@@ -73,6 +73,8 @@ def generate(model, prompt: dict[str, Tensor], n_events: int, temperature: float
         ev["ts"] = last_ts + (ev["dt_seconds"] * 1e6).round().long()
         if "attention_mask" in prompt:
             ev["attention_mask"] = torch.ones(B, 1, dtype=torch.bool, device=device)
+        if "padding" in prompt:  # the batch contract's other form of the mask
+            ev["padding"] = torch.zeros(B, 1, dtype=torch.bool, device=device)
         if postprocess is not None:
             ev = postprocess(ev)
         out.append(ev)

@@ -89,7 +89,9 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, d)
         probs = torch.softmax(self.router(x).float(), dim=-1)  # (N, E)
         weight, expert = probs.topk(self.top_k, dim=-1)  # (N, k)
-        weight = (weight / weight.sum(-1, keepdim=True)).to(x.dtype)
+        if self.top_k > 1:  # renormalised over the k chosen; top-1 (Switch) keeps the router's
+            weight = weight / weight.sum(-1, keepdim=True)  # probability, else its weight is 1 and
+        weight = weight.to(x.dtype)  # the task loss would never reach the router
         out = torch.zeros_like(x)
         # an ONNX trace would freeze `rows.numel()` to the export example (an expert it did not
         # route to would vanish from the graph): exported, every expert runs on its (maybe no) rows

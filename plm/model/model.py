@@ -157,8 +157,8 @@ class EventTransformer(nn.Module):
                 raise ValueError("embedding.time_gap needs `ts` in the batch")
             gap = previous_gap_seconds(batch["ts"], valid, seg)
             x = x + self.time_gap((torch.log1p(gap) / GAP_SCALE).to(x.dtype))
-        if valid is not None:
-            x = x * valid[..., None].to(x.dtype)  # padding never contributes
+        if valid is not None:  # padding never contributes (where, not a product: 0 x NaN is NaN)
+            x = torch.where(valid[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         return x, pos, seconds, valid, seg
 
     def _context(self, pos: Tensor, seconds: Tensor | None, valid: Tensor | None, seg: Tensor | None,
@@ -333,7 +333,7 @@ class PLMDecoder(EventTransformer):
         v_new = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=cache.valid.device)
         x = self.embed(batch)
         if valid is not None:
-            x = x * valid[..., None].to(x.dtype)
+            x = torch.where(valid[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         # positions continue from the real events already cached
         seen = cache.valid[:, :L].sum(1, keepdim=True)  # (B, 1)
         pos = (seen + v_new.long().cumsum(1) - 1).clamp(min=0)  # (B, T)

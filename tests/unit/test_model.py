@@ -110,6 +110,26 @@ def test_encoder_unchanged_by_padding_and_packing(pooling, scheme):
 # ----------------------------------------------------------------------------- decoder
 
 
+@pytest.mark.parametrize("cls", [PLMEncoder, PLMDecoder])
+def test_garbage_in_padded_slots_never_reaches_real_events(cls):
+    """A padded slot holding a fitted id and a NaN value (an outside caller's batch) made every
+    real event NaN: 0 x NaN in the masking product."""
+    torch.manual_seed(0)
+    model = cls(cfg(TIME_AWARE), TOY_VOCAB, TOY_NUMERIC).eval()
+    b = random_batch(B=2, T=8, seed=3)
+    b["attention_mask"] = torch.arange(8)[None] < torch.tensor([8, 5])[:, None]
+    dirty = dict(b)
+    for k, v in b.items():
+        if k in ("ts", "attention_mask"):
+            continue
+        fill = float("nan") if v.dtype.is_floating_point else N_SPECIALS + 1
+        dirty[k] = torch.where(b["attention_mask"], v, torch.full_like(v, fill))
+    clean, got = model(b).hidden, model(dirty).hidden
+    m = b["attention_mask"]
+    assert torch.isfinite(got[m]).all()
+    close(got[m], clean[m])
+
+
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_causal_output_never_changes_when_future_changes(scheme):
     torch.manual_seed(0)
@@ -185,6 +205,10 @@ def test_greedy_generation_with_cache_equals_recompute():
     g = torch.Generator().manual_seed(0)
     s = generate(dec, prompt, 4, temperature=1.0, top_k=5, top_p=0.9, generator=g)
     assert s["ts"].shape == (2, 4) and dec.training  # mode restored
+    # a prompt masked with `padding` (the batch contract's other form) generates without the cache too
+    padded = {**prompt, "padding": torch.zeros(2, 5, dtype=torch.bool)}
+    c = generate(dec, padded, 3, temperature=0.0, use_cache=False)
+    assert torch.equal(c["merchant"], a["merchant"][:, :3])
 
 
 def test_sampler_truncation():
@@ -414,6 +438,18 @@ def test_moe_load_balancing_loss_formula():
     assert moe.aux_loss.item() > 3.0
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_router_learns_from_the_task_loss(top_k):
+    """Top-1 (Switch) routing scales each expert's output by the router's probability: renormalised
+    over one choice the weight was exactly 1 and the router got no gradient from the task loss."""
+    from plm.model.layers import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(8, 16, FFNConfig(n_experts=4, top_k=top_k))
+    moe(torch.randn(3, 5, 8)).pow(2).sum().backward()
+    assert moe.router.weight.grad.abs().max() > 1e-4
+
+
 def test_tiny_model_overfits_a_handful_of_sequences():
     torch.manual_seed(0)
     c = load_model_config("tiny")
@@ -480,6 +516,11 @@ def test_config_validation_and_unknown_keys():
 
     with pytest.raises(ValueError, match="position.bias"):
         model_config_from_dict({"position": {"bias": "alibi+nope"}})
+    # bucket settings that built and then divided by zero in the first forward pass
+    with pytest.raises(ValueError, match="t5_max_distance=8 > t5_buckets / 2"):
+        model_config_from_dict({"position": {"bias": "t5", "t5_buckets": 32, "t5_max_distance": 8}})
+    with pytest.raises(ValueError, match="time_buckets=2 needs >= 4"):
+        model_config_from_dict({"position": {"bias": "time_bucket", "time_buckets": 2}})
     with pytest.raises(ValueError, match="unknown keys"):
         model_config_from_dict({"attention": {"heads": 4}})
     c = model_config_from_dict({"d_model": 48, "attention": {"n_heads": 6, "n_kv_heads": 2}})
