@@ -41,19 +41,24 @@ class Task:
 
 
 def infer_kind(values: np.ndarray) -> str:
-    """Task type of the non-null label values (float or int array)."""
+    """Task type of the non-null label values: within {0, 1}, or two whole values (`1`/`2`,
+    `-1`/`+1`: the higher one positive) -> binary; 3 to MAX_CLASSES whole values -> multi-class;
+    anything else -> regression. `EvalConfig.task_types` overrides it per task."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     uniq = np.unique(v)
     if uniq.size and np.isin(uniq, (0.0, 1.0)).all():
         return BINARY
-    if uniq.size and np.all(uniq == np.round(uniq)) and 3 <= uniq.size <= MAX_CLASSES:
-        return MULTICLASS
-    return REGRESSION
+    if not uniq.size or not np.all(uniq == np.round(uniq)):
+        return REGRESSION
+    if uniq.size == 2:
+        return BINARY
+    return MULTICLASS if uniq.size <= MAX_CLASSES else REGRESSION
 
 
-def make_task(name: str, values: np.ndarray, names: list[str] | None = None) -> Task:
-    """Label values (float64 with NaN for null) -> a Task over the labelled rows.
+def make_task(name: str, values: np.ndarray, names: list[str] | None = None, kind: str | None = None) -> Task:
+    """Label values (float64 with NaN for null) -> a Task over the labelled rows. `kind`: the
+    task type to use instead of `infer_kind`'s (a ValueError if the values cannot be one).
 
     `names`: the column held strings and `values` are indices into `names` (sorted class
     names): a classification whatever the values, over the classes present: two or one ->
@@ -63,15 +68,24 @@ def make_task(name: str, values: np.ndarray, names: list[str] | None = None) -> 
     v = values[mask]
     if names is not None:
         present, y = np.unique(v.astype(np.int64), return_inverse=True)
-        kind = MULTICLASS if present.size >= 3 else BINARY
-        return Task(name, kind, y.astype(np.int64), mask, [names[i] for i in present], int((~mask).sum()))
-    kind = infer_kind(v)
+        inferred = MULTICLASS if present.size >= 3 else BINARY
+        if kind not in (None, inferred):
+            raise ValueError(f"task_types: {name}={kind}, but the column holds {present.size} class name(s)")
+        return Task(name, inferred, y.astype(np.int64), mask, [names[i] for i in present], int((~mask).sum()))
+    uniq = np.unique(v)
+    if kind is None:
+        kind = infer_kind(v)
+    elif kind == BINARY and uniq.size > 2:
+        raise ValueError(f"task_types: {name}=binary, but the column holds {uniq.size} distinct values")
+    elif kind == MULTICLASS and not (np.all(uniq == np.round(uniq)) and uniq.size <= MAX_CLASSES):
+        raise ValueError(f"task_types: {name}=multiclass needs at most {MAX_CLASSES} whole values "
+                         f"({uniq.size} distinct values here)")
     if kind == REGRESSION:
         return Task(name, kind, v, mask, [], int((~mask).sum()))
     classes, y = np.unique(v, return_inverse=True)
-    if kind == BINARY:  # keep 0/1 as is even if one class is absent
+    if kind == BINARY and np.isin(classes, (0.0, 1.0)).all():  # keep 0/1 as is even if one class is absent
         y, classes = v.astype(np.int64), np.array([0.0, 1.0])
-    cls = [int(c) for c in classes]
+    cls = [int(c) if c == round(c) else float(c) for c in classes]
     return Task(name, kind, y.astype(np.int64), mask, cls, int((~mask).sum()))
 
 

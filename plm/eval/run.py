@@ -231,6 +231,7 @@ class Labels(NamedTuple):
     names: dict[str, list[str] | None]  # task -> class names of a string column, else None
     columns: list[str]  # every label column of the file
     skipped: list[str]  # a warning per column no task could be made of
+    floating: dict[str, bool]  # task -> the column is floating-point (see probes.infer_kind)
 
 
 def read_labels(path: str, tasks: list[str] | None = None) -> Labels:
@@ -257,7 +258,8 @@ def read_labels(path: str, tasks: list[str] | None = None) -> Labels:
             if tasks is not None:
                 raise EvalInputError(f"labels={path}: {e}") from None
             skipped.append(f"task `{t}` skipped: {e}")
-    return Labels(lab_ids, label_cols, label_names, all_tasks, skipped)
+    floating = {t: pa.types.is_floating(lab_table.column(t).type) for t in label_cols}
+    return Labels(lab_ids, label_cols, label_names, all_tasks, skipped, floating)
 
 
 class LabelTypeError(ValueError):
@@ -294,6 +296,9 @@ def _label_values(name: str, col: pa.ChunkedArray) -> tuple[np.ndarray, list[str
 
 def check_config(cfg: EvalConfig) -> None:
     """Reject bad values with a message naming the key (before any work)."""
+    bad = {k: v for k, v in cfg.task_types.items() if v not in (BINARY, MULTICLASS, REGRESSION)}
+    if bad:
+        raise ValueError(f"task_types={bad}: each must be one of {BINARY}, {MULTICLASS}, {REGRESSION}")
     if cfg.folds < 2:
         raise ValueError(f"folds={cfg.folds} must be >= 2")
     if cfg.data and not cfg.ckpt:
@@ -369,6 +374,10 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
     as_of_all = _as_of_us(emb_table, cfg.embeddings)
     lab = read_labels(labels_path, cfg.tasks)
     lab_ids, label_cols, label_names, all_tasks = lab.ids, lab.values, lab.names, lab.columns
+    unknown = sorted(set(cfg.task_types) - set(label_cols))
+    if unknown:
+        raise EvalInputError(f"task_types: {', '.join(unknown)}: not a label column evaluated here "
+                             f"({', '.join(label_cols)})")
     warnings.extend(lab.skipped)
     _prepare_out(out, cfg.overwrite)
 
@@ -456,7 +465,10 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
     bar = tqdm(total=total, disable=not cfg.progress, file=sys.stderr, desc="plm-eval") if sys.stderr.isatty() \
         else _LineBar(total, cfg.progress)  # a log file or CI: one plain line per probe, no carriage returns
     for name, values in label_cols.items():
-        task = make_task(name, values[li], label_names[name])
+        task = make_task(name, values[li], label_names[name], cfg.task_types.get(name))
+        if lab.floating[name] and task.kind == MULTICLASS and name not in cfg.task_types:
+            warnings.append(f"task `{name}`: a floating-point column of {len(task.classes)} whole values is evaluated "
+                            f"as {len(task.classes)} classes; task_types={{{name}: regression}} evaluates it as a number")
         entry: dict = {"type": task.kind, "status": "ok", "n_users": int(task.y.size), "n_null_skipped": task.n_null,
                        "primary_metric": PRIMARY[task.kind]}
         if task.kind != REGRESSION:

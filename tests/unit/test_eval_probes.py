@@ -33,13 +33,31 @@ from plm.eval.probes import (
         ([1, 1, 1], BINARY),  # a subset of {0, 1}
         ([0, 1, 2, 3, 4, 2], MULTICLASS),
         ([3.0, 7.0, 5.0, np.nan], MULTICLASS),
-        ([1, 2], REGRESSION),  # two values that are not 0/1
+        ([1, 2], BINARY),  # two integer values that are not 0/1: the higher one positive
+        ([-1, 1, 1], BINARY),
         (list(range(60)), REGRESSION),  # too many classes
         ([0.5, 1.2, 3.3], REGRESSION),
     ],
 )
 def test_infer_kind(values, kind):
     assert infer_kind(np.asarray(values, dtype=float)) == kind
+
+
+def test_task_types_override_the_inferred_type():
+    """Two whole values are a binary task (the higher one positive); `kind` (EvalConfig.task_types)
+    makes whole-number amounts a regression, or refuses a type the values cannot have."""
+    t = make_task("sign", np.array([-1.0, 1.0, 1.0, np.nan]))
+    assert t.kind == BINARY and t.classes == [-1, 1] and t.y.tolist() == [0, 1, 1]
+    spend = np.array([3.0, 7.0, 5.0, 12.0, np.nan])
+    assert make_task("spend", spend).kind == MULTICLASS
+    r = make_task("spend", spend, kind=REGRESSION)
+    assert r.kind == REGRESSION and r.y.tolist() == [3.0, 7.0, 5.0, 12.0]
+    with pytest.raises(ValueError, match="task_types: spend=binary, but the column holds 4 distinct values"):
+        make_task("spend", spend, kind=BINARY)
+    with pytest.raises(ValueError, match="task_types: x=multiclass needs at most 50 whole values"):
+        make_task("x", np.array([0.5, 1.5, 2.5]), kind=MULTICLASS)
+    with pytest.raises(ValueError, match="task_types: tier=regression, but the column holds 3 class name"):
+        make_task("tier", np.array([0.0, 1.0, 2.0]), ["a", "b", "c"], kind=REGRESSION)
 
 
 def test_make_task_skips_nulls_and_recodes_classes():

@@ -144,6 +144,9 @@ def test_string_labels_are_classes(tmp_path, world):
                 for fs, r in t[task]["results"].items()}
 
     assert values("seg_name") == values("segment")
+    # a float column of whole values (pandas' integers with nulls) is classes, said in a warning
+    assert any(w.startswith("task `segment`: a floating-point column of 5 whole values is evaluated as 5 classes")
+               for w in rep["warnings"]), rep["warnings"]
     assert t["churned"]["type"] == "binary" and t["churned"]["classes"] == ["no", "yes"]
     assert values("churned") == values("churn")  # "yes" is the positive class, like churn=1
     assert t["churned"]["results"]["embedding_linear"]["roc_auc"]["value"] > 0.75
@@ -259,3 +262,16 @@ def test_identity_from_columns_and_json_schema_metadata():
     assert ident == {"model": "enc", "schema.plm.embeddings.checkpoint": "final.pt",
                      "schema.plm.embeddings.dim": "64", "schema.note": "x"}
     assert per_user == ["n_events"]
+
+
+def test_task_types_set_a_tasks_type(tmp_path, world):
+    """task_types={segment: regression} evaluates a label of whole numbers as a number; a name that
+    is not a label column, or a type that is not one, is refused before any work."""
+    root, _ = world
+    rep = run_eval(cfg_for(root, tmp_path / "r", tasks=["segment"], task_types={"segment": "regression"},
+                           feature_sets=["embedding_linear"]))
+    assert rep["tasks"]["segment"]["type"] == "regression" and rep["tasks"]["segment"]["primary_metric"] == "r2"
+    with pytest.raises(ValueError, match="task_types: spend: not a label column evaluated here"):
+        run_eval(cfg_for(root, tmp_path / "r2", tasks=["segment"], task_types={"spend": "regression"}))
+    with pytest.raises(ValueError, match=r"task_types=\{'segment': 'numbers'\}: each must be one of"):
+        run_eval(cfg_for(root, tmp_path / "r3", task_types={"segment": "numbers"}))
