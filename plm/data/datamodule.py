@@ -21,7 +21,9 @@ from dataclasses import asdict, fields, replace
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pyarrow.fs as pafs
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from plm.data.config import DataConfig  # noqa: F401  (re-exported: plm.data.datamodule.DataConfig)
@@ -321,6 +323,52 @@ class _LoaderIter:
 
 
 # --------------------------------------------------------------------------------- datamodule
+
+
+def spread_sample(batches, block: int, n_batches: int | None = None, n_users: int | None = None,
+                  keep: int = 16) -> list[dict]:
+    """Batches of the first block of an eval or predict stream spread over every history length.
+
+    Those streams bucket each block of `block` users shortest first, so their first batches hold
+    only the shortest histories: a check or a metric on them says nothing of long ones. One pass
+    over the block keeps batches evenly spaced through it (a stride that doubles as more than
+    2 x `keep` are held) and always its last, longest batch. `n_batches`: at most that many of
+    them, evenly spaced, first and last included. `n_users`: each kept batch cut to its first
+    rows, an equal share of about `n_users` (rows of a bucketed batch are independent users)."""
+    keep = max(keep, n_batches or 0)
+    kept: list[tuple[int, dict]] = []
+    stride, seen, prev, last = 1, 0, -1, None
+    for i, batch in enumerate(batches):
+        longest = int(batch["lengths"].max())
+        if longest < prev or seen >= block:  # the next block (shortest first again)
+            break
+        prev, last = longest, (i, batch)
+        seen += len(batch["user_id"])
+        if i % stride == 0:
+            kept.append((i, batch))
+            if len(kept) > 2 * keep:
+                stride *= 2
+                kept = [(j, b) for j, b in kept if j % stride == 0]
+    if last is not None and (not kept or kept[-1][0] != last[0]):
+        kept.append(last)
+    out = [b for _, b in kept]
+    if n_batches and len(out) > n_batches:
+        picks = np.unique(np.round(np.linspace(0, len(out) - 1, max(1, n_batches))).astype(int))
+        out = [out[i] for i in picks]
+    if n_users:
+        share = max(1, -(-n_users // max(1, len(out))))
+        out = [first_rows(b, share) for b in out]
+    return out
+
+
+def first_rows(batch: dict, n: int) -> dict:
+    """The first `n` sequences of a bucketed (one sequence per row) batch: every per-sequence
+    tensor and list cut."""
+    B = len(batch["user_id"])
+    if n >= B:
+        return batch
+    return {k: (v[:n] if (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B)
+                or (isinstance(v, list) and len(v) == B) else v) for k, v in batch.items()}
 
 
 def _read_bytes(fs: pafs.FileSystem, path: str, what: str) -> bytes:

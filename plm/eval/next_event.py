@@ -45,8 +45,9 @@ def _time_point(time_head, params: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def next_event_metrics(model, batches, max_batches: int = 0) -> dict:
-    """Teacher-forced next-event metrics of a `PLMDecoder` over unpacked batches (see module doc)."""
-    fields = list(model.field_vocab_sizes)
+    """Teacher-forced next-event metrics of a `PLMDecoder` over unpacked batches (see module doc).
+    Fields without a head (`model.heads.exclude_fields`) are not predicted, so not scored."""
+    fields = list(model.heads.fields)
     ce_sum = dict.fromkeys(fields, 0.0)
     correct = dict.fromkeys(fields, 0)
     repeat = dict.fromkeys(fields, 0)
@@ -113,7 +114,7 @@ def generated_vs_real(model, batches, horizon: int = 8, n_users: int = 128, seed
     """Generated futures against held-out real ones (see the module docstring)."""
     from plm.model import generate
 
-    fields = [f for f in KEY_FIELDS if f in model.field_vocab_sizes]
+    fields = [f for f in KEY_FIELDS if f in model.heads.fields]  # (no head: not generated)
     gen: dict[str, list] = {f: [] for f in fields}
     real: dict[str, list] = {f: [] for f in fields}
     hist: dict[str, list] = {f: [] for f in fields}
@@ -178,7 +179,7 @@ def decoder_sections(ckpt: str, data: str, split: str = "test", max_batches: int
                      horizon: int = 8, seed: int = 0) -> dict[str, dict]:
     """The report sections of a decoder checkpoint on a prepared split (for `run_eval`'s
     `extra_sections`); an encoder checkpoint is an error that says so."""
-    from plm.data.datamodule import PLMDataModule, read_manifest
+    from plm.data.datamodule import PLMDataModule, read_manifest, spread_sample
     from plm.export.model import check_tokenizer, load_checkpoint
     from plm.export.run import check_vocab, training_max_len
 
@@ -191,9 +192,16 @@ def decoder_sections(ckpt: str, data: str, split: str = "test", max_batches: int
     check_vocab(loaded, dm.vocab_sizes, data)
     check_tokenizer(loaded, dm.tokenizer_sha256, f"data={data}")
     model = loaded.model
+    block = int(dm.config.shuffle_buffer)
     loader = dm.loader(dm.stream(split, "eval"), resumable=False)
+    # the eval stream buckets each block of users shortest first: a cap on batches, and the users
+    # whose futures are generated, are spread over every length (spread_sample), not the shortest
+    if max_batches:
+        loader = spread_sample(loader, block, n_batches=max_batches)
     nxt = next_event_metrics(model, loader, max_batches=max_batches)
-    gen = generated_vs_real(model, dm.loader(dm.stream(split, "eval"), resumable=False), horizon=horizon,
+    long_enough = (b for b in dm.loader(dm.stream(split, "eval"), resumable=False)
+                   if int(b["lengths"].max()) > horizon + 1)
+    gen = generated_vs_real(model, spread_sample(long_enough, block, n_users=generate_users), horizon=horizon,
                             n_users=generate_users, seed=seed)
     summary = {"checkpoint": ckpt, "split": split, "max_len": max_len,
                "mean_accuracy": nxt.get("mean_accuracy"), "mean_perplexity": nxt.get("mean_perplexity")}

@@ -378,40 +378,12 @@ def _agreement(embedder: Embedder, other, batches: list[dict]) -> dict:
     return cosine_agreement(torch.cat(a), torch.cat(b))
 
 
-def _sample_batches(dm, n_users: int, keep: int = 16) -> list[dict]:
-    """About `n_users` users of this process's first block of the predict stream, spread over
-    every history length: the stream buckets each block of users shortest first, so its first
-    batches hold only the shortest histories (a check on them says nothing of long ones). One
-    pass over the block keeps `keep`-odd batches evenly spaced through it (a stride that doubles
-    as it fills) and its last, longest batch; each kept batch is then cut to an equal share of
-    users (rows of a bucketed batch are independent users)."""
-    block = max(1, int(dm.config.shuffle_buffer))
-    kept: list[tuple[int, dict]] = []
-    stride, seen, prev, last = 1, 0, -1, None
-    for i, batch in enumerate(dm.predict_dataloader()):
-        longest = int(batch["lengths"].max())
-        if longest < prev or seen >= block:  # the next block (shortest first again)
-            break
-        prev, last = longest, (i, batch)
-        seen += len(batch["user_id"])
-        if i % stride == 0:
-            kept.append((i, batch))
-            if len(kept) > 2 * keep:
-                stride *= 2
-                kept = [(j, b) for j, b in kept if j % stride == 0]
-    if last is not None and (not kept or kept[-1][0] != last[0]):
-        kept.append(last)
-    share = max(1, -(-n_users // max(1, len(kept))))
-    return [_first_rows(b, share) for _, b in kept]
+def _sample_batches(dm, n_users: int) -> list[dict]:
+    """About `n_users` users of this process's predict stream for the agreement checks, spread
+    over every history length of its first block (`plm.data.datamodule.spread_sample`)."""
+    from plm.data.datamodule import spread_sample
 
-
-def _first_rows(batch: dict, n: int) -> dict:
-    """The first `n` sequences of a bucketed batch (every per-sequence tensor and list cut)."""
-    B = len(batch["user_id"])
-    if n >= B:
-        return batch
-    return {k: (v[:n] if (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B)
-                or (isinstance(v, list) and len(v) == B) else v) for k, v in batch.items()}
+    return spread_sample(dm.predict_dataloader(), int(dm.config.shuffle_buffer), n_users=n_users)
 
 
 def _check_agreement(what: str, agr: dict, min_cosine: float) -> None:

@@ -275,6 +275,11 @@ def test_the_export_agreement_sample_spans_every_history_length(tmp_path):
     assert len(set(got)) >= 6 and len(got) <= 24 + len(sample)  # spread, about the asked number
     for b in sample:  # each kept batch cut consistently: one row per user in every per-user field
         assert len(b["user_id"]) == b["lengths"].shape[0] == b["attention_mask"].shape[0]
+    # a cap on batches (plm-eval's next_max_batches): evenly spaced, the longest included
+    from plm.data.datamodule import spread_sample
+
+    three = spread_sample(data.predict_dataloader(), 200, n_batches=3)
+    assert len(three) == 3 and int(three[0]["lengths"].min()) == 1 and int(three[-1]["lengths"].max()) == 48
 
 
 def test_eval_streams_take_min_len_only_up_to_their_length(prepared):

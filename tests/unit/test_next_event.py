@@ -70,3 +70,16 @@ def test_tvd():
 
     assert _tvd(np.array([1, 1, 2]), np.array([1, 1, 2]), 4) == 0.0
     assert _tvd(np.array([1, 1]), np.array([2, 2]), 4) == 1.0
+
+
+def test_fields_without_a_head_are_neither_scored_nor_generated():
+    """A decoder trained with model.heads.exclude_fields has no logits for them: the metrics
+    raised KeyError (after training, in plm-pipeline's eval stage)."""
+    torch.manual_seed(0)
+    cfg = load_model_config("tiny")
+    cfg.heads.exclude_fields = "merchant"
+    dec = PLMDecoder(cfg, TOY_VOCAB, TOY_NUMERIC).eval()
+    m = next_event_metrics(dec, [padded_batch()])
+    assert "merchant" not in m["per_field"] and "event_type" in m["per_field"]
+    g = generated_vs_real(dec, [padded_batch(T=20)], horizon=3, n_users=2)
+    assert "merchant" not in g["per_field"] and g["users"] == 2
