@@ -247,6 +247,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             return {"skipped": f"{labels} does not exist"}
         ecfg = replace(cfg.eval, embeddings=str(paths["embeddings"]), labels=str(labels), raw=str(raw),
                        out=str(paths["report"]), overwrite=True, ckpt=None, data=None)  # decoder sections: below
+        # the baseline reads the raw rows plm-prep kept: its time window, unless eval's is set
+        window = json.loads((paths["prepared"] / "manifest.json").read_text()).get("ts_window", {})
+        default = EvalConfig()
+        if cfg.eval.ts_min == default.ts_min and window.get("min"):
+            ecfg = replace(ecfg, ts_min=window["min"])
+        if cfg.eval.ts_max == default.ts_max and window.get("max"):
+            ecfg = replace(ecfg, ts_max=window["max"])
         extra = None
         final = paths["train"] / "final.pt"
         if torch_load_arch(final) == "decoder":  # a decoder preset: its next-event metrics join the report

@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -308,10 +309,15 @@ def aggregate_features(events: pa.Table | None, users: np.ndarray, cutoff_us: np
 
     # --- categorical counts and shares
     def shares(prefix: str, values: np.ndarray, mask: np.ndarray, top: int, denom: np.ndarray) -> None:
-        for v in _top_values(values, mask, top):
+        top_values = _top_values(values, mask, top)
+        slugs = [_slug(v) for v in top_values]
+        for v, slug in zip(top_values, slugs):
+            if slugs.count(slug) > 1:  # values that differ only in case or punctuation ("E-Commerce",
+                # "e commerce") are separate tokens for the model: separate features here too
+                slug = f"{slug}_{hashlib.sha256(str(v).encode()).hexdigest()[:6]}"
             c = P.count(mask & (values == v))
-            F[f"{prefix}_{_slug(v)}_n"] = c
-            F[f"{prefix}_{_slug(v)}_share"] = _div(c, denom)
+            F[f"{prefix}_{slug}_n"] = c
+            F[f"{prefix}_{slug}_share"] = _div(c, denom)
 
     shares("payment_status", status, is_pay, TOP_VALUES["status"], F["n_payment"])
     channel, _ = _strings(events, "channel")

@@ -69,6 +69,9 @@ def test_every_stage_wrote_its_outputs(world):
     assert emb.num_rows == len(set(emb.column("user_id").to_pylist()))
     assert f"report: {out / 'report' / 'report.md'}" in r.stdout.replace(str(out.resolve()), str(out))
     assert "fontManager" not in r.stdout + r.stderr  # matplotlib's first-run INFO line stays quiet
+    # the baseline read the raw rows in plm-prep's time window (not its own "one day after now")
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert (rep["config"]["ts_min"], rep["config"]["ts_max"]) == (manifest["ts_window"]["min"], manifest["ts_window"]["max"])
 
 
 def test_report_has_tables_plots_and_numbers(world):

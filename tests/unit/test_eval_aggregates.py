@@ -111,6 +111,18 @@ def test_per_user_cutoff(tmp_path):
     assert col(a, "days_since_last_payment").tolist() == pytest.approx([3.0, 1.0])
 
 
+def test_values_that_differ_only_in_spelling_are_separate_features(tmp_path):
+    """"E-Commerce" and "e commerce" are two tokens for the model; their feature names used to
+    collide, the later overwriting the earlier's counts."""
+    root = write_raw(tmp_path / "raw", payments=[payment("a", "u1", ts(2), channel="E-Commerce"),
+                                                 payment("b", "u2", ts(2), channel="e commerce"),
+                                                 payment("c", "u2", ts(3), channel="e commerce")])
+    a = compute_aggregates(str(root), np.array(["u1", "u2"], dtype=object), np.array([CUTOFF_US, CUTOFF_US]))
+    names = [n for n in a.names if n.startswith("payment_channel_e_commerce") and n.endswith("_n")]
+    assert len(names) == 2 and len(set(a.names)) == len(a.names)
+    assert sorted(tuple(col(a, n).tolist()) for n in names) == [(0, 2), (1, 0)]
+
+
 def test_contract_violation_names_file_and_column(tmp_path):
     bad = pa.table({"event_id": ["x"], "user_id": ["u1"], "ts": pa.array([ts(1)], pa.timestamp("us", tz="UTC"))})
     write_raw(tmp_path / "raw", payments=bad)
