@@ -51,7 +51,7 @@ class EvalConfig:
     ts_max: str | None = None  # None: one day after the run (as plm-prep)
     tasks: list[str] | None = None  # label columns to evaluate; None: every label column
     # task type per label column instead of the inferred one (binary | multiclass | regression),
-    # e.g. {future_spend: regression} for a float column of whole amounts
+    # e.g. +task_types.future_spend=regression for a float column of whole amounts
     task_types: dict[str, str] = field(default_factory=dict)
     feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS))  # subset of FEATURE_SETS
     folds: int = 5  # stratified k-fold (regression: stratified on quantile bins of the label)

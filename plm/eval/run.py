@@ -468,7 +468,7 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
         task = make_task(name, values[li], label_names[name], cfg.task_types.get(name))
         if lab.floating[name] and task.kind == MULTICLASS and name not in cfg.task_types:
             warnings.append(f"task `{name}`: a floating-point column of {len(task.classes)} whole values is evaluated "
-                            f"as {len(task.classes)} classes; task_types={{{name}: regression}} evaluates it as a number")
+                            f"as {len(task.classes)} classes; +task_types.{name}=regression evaluates it as a number")
         entry: dict = {"type": task.kind, "status": "ok", "n_users": int(task.y.size), "n_null_skipped": task.n_null,
                        "primary_metric": PRIMARY[task.kind]}
         if task.kind != REGRESSION:
