@@ -289,6 +289,10 @@ class _LoaderIter:
                 pin_memory=loader.pin_memory,
                 prefetch_factor=loader.prefetch_factor if W > 0 else None,
                 multiprocessing_context=loader.multiprocessing_context if W > 0 else None,
+                # its own generator: a DataLoader without one draws its workers' base seed from the
+                # global torch RNG when an iterator starts, so a resumed run (whose iterators start
+                # elsewhere) would draw dropout masks other than the uninterrupted run's
+                generator=torch.Generator().manual_seed(int(stream.seed) * 1_000_003 + int(epoch)),
             )
             self._it = iter(dl)
         else:

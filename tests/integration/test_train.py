@@ -111,8 +111,10 @@ def test_checkpoints_record_the_architecture_the_weights_chose(prepared, tmp_pat
 
 @pytest.mark.parametrize("objective", ["masked", "next", "masked_contrastive"])
 def test_resume_is_exact(prepared, tmp_path, objective):
+    # with dropout (the small/base/large presets' 0.1): its masks come from the global RNG, which a
+    # resumed run's data loader used to draw from at another point than the uninterrupted run's
     common = [f"objective={objective}", "trainer.max_steps=8", "trainer.checkpoint_every_n_steps=3",
-              "trainer.val_check_interval=0", "seed=3"]
+              "trainer.val_check_interval=0", "seed=3", "model.dropout=0.1"]
     full = train(make_cfg(prepared, tmp_path / "full", *common))
     ref = losses(Path(full["run_dir"]))
     resumed = train(make_cfg(prepared, tmp_path / "resumed", *common,
