@@ -250,11 +250,16 @@ class PretrainModule(pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim_cfg
+        # weight decay on the matrices of linear maps only: not on embedding tables (fields,
+        # learned positions, T5 / time-bucket biases), norms, biases or other vectors; a name test
+        # ("embed" not in the name) skipped the event embedding's projection and field mixer and
+        # decayed the learned position table
+        linear = {id(m.weight) for m in self.net.modules() if isinstance(m, torch.nn.Linear)}
         decay, no_decay = [], []
-        for n, p in self.net.named_parameters():
+        for p in self.net.parameters():
             if not p.requires_grad:
                 continue
-            (decay if p.dim() >= 2 and "embed" not in n and "norm" not in n else no_decay).append(p)
+            (decay if id(p) in linear and p.dim() >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         kw: dict[str, Any] = {}
         on_cuda = all(p.is_cuda for p in decay + no_decay)

@@ -454,6 +454,29 @@ def test_lr_schedule_warmup_then_cosine():
     assert 0.1 < lr_lambda(55, 10, 100, 0.1) < 1.0
 
 
+def test_weight_decay_on_linear_matrices_only():
+    """Decay on every linear map's matrix (the event embedding's projection and field mixer
+    included), never on embedding tables (fields, learned positions, T5 biases), norms or biases."""
+    from dataclasses import asdict
+
+    from plm.train.module import PretrainModule
+
+    c = tiny_cfg()
+    c.embedding.combine, c.embedding.field_mixer_layers = "concat", 1
+    c.position.absolute, c.position.bias = "learned", "t5"
+    mod = PretrainModule(asdict(c.validate()), TOY_VOCAB, list(TOY_NUMERIC), {"masked": {"weight": 1.0}},
+                         {"weight_decay": 0.1}, {"max_steps": 10})
+    decay, no_decay = (g["params"] for g in mod.configure_optimizers()["optimizer"].param_groups)
+    name = {id(p): n.removeprefix("model.") for n, p in mod.net.named_parameters()}
+    decayed = {name[id(p)] for p in decay}
+    assert "embed.proj.weight" in decayed and any(n.startswith("embed.mixer.") for n in decayed)
+    assert "blocks.0.attn.qkv.weight" in decayed
+    kept = {name[id(p)] for p in no_decay}
+    assert "positions.absolute.weight" in kept and "positions.t5_table" in kept
+    assert all(not (n.endswith(".bias") or "norm" in n) for n in decayed)
+    assert all(not n.startswith("embed.table") for n in decayed)
+
+
 def test_replaced_event_config_is_checked_and_the_unused_head_frozen(tmp_path):
     """The module refuses replace_prob without the head and an unknown kept field; with the
     head but no swapping, the head is frozen (no unused trainable parameters under DDP)."""
