@@ -223,6 +223,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             raise ValueError(f"prep put none of the {n:,} users in the val split: train without validation with "
                              "\"train_overrides=['trainer.limit_val_batches=0']\", or give val users (more users, "
                              "or a larger prep.val_fraction)")
+        if paths["train"].exists() and not tcfg.ckpt_path:  # a new model: the earlier run's folder goes
+            shutil.rmtree(paths["train"])
         res = run_train(tcfg)
         return {"out": str(paths["train"]), "final": res["final"], "global_step": res["global_step"],
                 "metrics": {k: v for k, v in res["metrics"].items() if k.startswith(("val/", "train/loss"))}}

@@ -71,7 +71,25 @@ class ThroughputCallback(pl.Callback):
 
 
 def read_metrics_csv(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """{metric: [(step, value), ...]} from a Lightning CSVLogger metrics.csv."""
+    """{metric: [(step, value), ...]} from a Lightning CSVLogger metrics.csv, after the history of
+    the runs it resumed: `metrics.part-NNN.csv` beside it (plm-train keeps the file of a run it
+    resumes in the same folder under that name; Lightning's logger would delete it), each part's
+    points from the step its successor restarted at on replaced by the successor's."""
+    path = Path(path)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for part in [*sorted(path.parent.glob("metrics.part-*.csv")), path]:
+        if not part.exists():
+            continue
+        s = _read_one_metrics_csv(part)
+        first = min((x for v in s.values() for x, _ in v), default=None)
+        if first is not None:
+            series = {k: [(x, y) for x, y in v if x < first] for k, v in series.items()}
+        for k, v in s.items():
+            series.setdefault(k, []).extend(v)
+    return {k: v for k, v in series.items() if v}
+
+
+def _read_one_metrics_csv(path: Path) -> dict[str, list[tuple[float, float]]]:
     series: dict[str, list[tuple[float, float]]] = {}
     with open(path) as f:
         for row in csv.DictReader(f):

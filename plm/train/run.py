@@ -185,6 +185,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     t = cfg.trainer
     run_dir = resolve_run_dir(cfg)
     _check_resume(cfg.ckpt_path, run_dir)
+    earlier = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if not cfg.ckpt_path else []
+    if earlier:  # Lightning would write beside them as last-v1.ckpt, and ckpt_path=last resume the old run
+        raise FileExistsError(f"run_dir={run_dir} holds an earlier run's checkpoints ({', '.join(earlier[:3])}"
+                              f"{', ...' if len(earlier) > 3 else ''}): resume it with ckpt_path=last, or train "
+                              "into another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -218,6 +223,12 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     peak = t.peak_tflops * 1e12 if t.peak_tflops > 0 else default_peak_flops(t.accelerator)
 
     loggers: list = []
+    csv_dir = run_dir / "csv"
+    if cfg.ckpt_path and rank0 and (csv_dir / "metrics.csv").exists():
+        # a resumed run in the same folder: Lightning's logger deletes metrics.csv; keep it as a
+        # part of the history (read_metrics_csv joins the parts: curves.png, plm-sweep-report)
+        n = len(list(csv_dir.glob("metrics.part-*.csv")))
+        (csv_dir / "metrics.csv").rename(csv_dir / f"metrics.part-{n:03d}.csv")
     csv_logger = CSVLogger(str(run_dir), name="csv", version="")
     loggers.append(csv_logger)
     wandb_logger = None
@@ -306,7 +317,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
             wandb.finish()
     metrics = {k: float(v) for k, v in trainer.logged_metrics.items() if torch.as_tensor(v).numel() == 1}
-    last_ckpt = ckpt_dir / "last.ckpt"
+    last_ckpt = Path(ckpt_cb.last_model_path) if ckpt_cb.last_model_path else ckpt_dir / "last.ckpt"
     result = {"run_dir": str(run_dir), "last_ckpt": str(last_ckpt), "final": str(final), "metrics": metrics,
               "throughput": dict(thr.last), "global_step": trainer.global_step, "global_rank": trainer.global_rank}
     if trainer.global_rank == 0:  # what the run consumed and produced, beside config.yaml

@@ -125,6 +125,25 @@ def test_resume_is_exact(prepared, tmp_path, objective):
         assert got[s] == ref[s], (s, got[s], ref[s])
 
 
+def test_resume_in_the_same_folder_keeps_the_history_and_a_fresh_run_is_refused(prepared, tmp_path):
+    """ckpt_path=last in the run's own folder: Lightning's CSV logger deleted metrics.csv, so the
+    curves and plm-sweep-report lost the steps before the resume; and a fresh run into a folder
+    with checkpoints wrote last-v1.ckpt beside the old last.ckpt, which run.json then named."""
+    from plm.train.callbacks import read_metrics_csv
+
+    run = tmp_path / "run"
+    train(make_cfg(prepared, run, "trainer.max_steps=4", "trainer.val_check_interval=0"))
+    with pytest.raises(FileExistsError, match=r"holds an earlier run's checkpoints \(last.ckpt.*ckpt_path=last"):
+        train(make_cfg(prepared, run, "trainer.max_steps=4"))
+    out = train(make_cfg(prepared, run, "trainer.max_steps=7", "trainer.val_check_interval=0", "ckpt_path=last"))
+    steps = [int(x) for x, _ in read_metrics_csv(run / "csv" / "metrics.csv")["train/loss"]]
+    assert steps == list(range(7)), steps
+    assert (run / "csv" / "metrics.part-000.csv").exists()
+    rec = json.loads((run / "run.json").read_text())
+    assert rec["global_step"] == 7 and rec["outputs"]["last_ckpt"] == out["last_ckpt"]
+    assert torch.load(out["last_ckpt"], weights_only=True)["global_step"] == 7
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_fast_dev_run(prepared, tmp_path, experiment):
     cfg = make_cfg(prepared, tmp_path / experiment, f"experiment={experiment}", "trainer.fast_dev_run=true")
