@@ -175,6 +175,10 @@ class FinalValidation(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+        # likewise when the run ends on max_epochs: at the last batch of the last epoch
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        if 0 < max_epochs <= trainer.current_epoch + 1 and trainer.is_last_batch:
+            trainer.should_stop = True
 
 
 def default_peak_flops(accelerator: str) -> float:

@@ -331,3 +331,8 @@ def test_the_last_step_is_validated_and_logged(prepared, tmp_path):
     val = losses(tmp_path / "run", "val/loss")
     assert len(val) == 2 and max(val) > min(val), val  # two validations: step 3 and step 5
     assert max(losses(tmp_path / "run")) == 4  # the last step's train loss (steps are 0-based in the CSV)
+    # a run that ends on max_epochs (before max_steps) is validated at its end too
+    train(make_cfg(prepared, tmp_path / "epochs", "trainer.max_steps=1000", "trainer.max_epochs=1",
+                   "trainer.val_check_interval=500"))
+    val = losses(tmp_path / "epochs", "val/loss")
+    assert len(val) == 1 and max(val) == max(losses(tmp_path / "epochs")), val
