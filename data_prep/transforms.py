@@ -77,6 +77,9 @@ def normalize_source(df: DataFrame, source: str, ts_is_nanos_long: bool = False)
 
     cols = []
     wide = {f.name for f in df.schema.fields if isinstance(f.dataType, (T.LongType, T.DecimalType))}
+    # nanoseconds arrive as longs (INT64 NANOS with spark.sql.legacy.parquet.nanosAsLong); a legacy
+    # INT96 column, which pyarrow also reports as timestamp[ns], is read by Spark as a timestamp
+    ts_is_nanos_long = ts_is_nanos_long and "ts" in wide
     for c in RAW_SOURCES[source]:
         if c.name == "ts":
             # exact integer floor of ns / 1000 (a double division rounds: ns epochs are past 2^53)

@@ -119,8 +119,8 @@ def type_accepts(expected: pa.DataType, actual: pa.DataType) -> bool:
         return _is_string(actual)
     if pa.types.is_integer(expected):
         return pa.types.is_integer(actual)
-    if pa.types.is_floating(expected):
-        return pa.types.is_floating(actual) or pa.types.is_integer(actual)
+    if pa.types.is_floating(expected):  # float32/float64 (float16: Spark cannot read it)
+        return pa.types.is_float32(actual) or pa.types.is_float64(actual) or pa.types.is_integer(actual)
     if pa.types.is_boolean(expected):
         return pa.types.is_boolean(actual)
     return actual.equals(expected)

@@ -81,9 +81,13 @@ def dirty_world(root):
     t = t.set_column(t.schema.get_field_index("ts"), "ts", ns)
     t = t.set_column(t.schema.get_field_index("n_items"), "n_items", pa.array([1, 2, 2**32 + 1], pa.int64()))
     pq.write_table(t, raw / "orders" / "part-1.parquet")
+    # a logins file with legacy INT96 timestamps (Spark's own default output): pyarrow reports them
+    # as timestamp[ns], Spark reads a timestamp (not nanoseconds as longs)
+    t = source_table("logins", [login("int96-1", "u013", ts(9, 8))])
+    pq.write_table(t, raw / "logins" / "part-2.parquet", use_deprecated_int96_timestamps=True)
     labels = pa.table({"user_id": _users(60), "churn": [i % 2 for i in range(60)]})
     pq.write_table(labels, raw / "labels.parquet")
-    return raw, len(pays) + len(bad) + len(late) + 2 + len(wide), len(logs) + 1, len(ords) + 3
+    return raw, len(pays) + len(bad) + len(late) + 2 + len(wide), len(logs) + 2, len(ords) + 3
 
 
 @pytest.fixture(scope="module")

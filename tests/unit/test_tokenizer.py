@@ -184,6 +184,13 @@ def test_contract_check_names_file_column_type():
         check_file_schema("orders", "x.parquet", bad.schema)
     with pytest.raises(ContractError, match="required column 'category'"):
         check_file_schema("orders", "x.parquet", good.drop(["category"]).schema)
+    # float16 passed the check and then failed inside Spark ("PARQUET_TYPE_ILLEGAL"), naming nothing
+    half = good.set_column(good.schema.get_field_index("amount"), "amount", pa.array([20.0], pa.float16()))
+    with pytest.raises(ContractError, match=r"column 'amount' \(orders\) has type halffloat; expected double"):
+        check_file_schema("orders", "x.parquet", half.schema)
+    for ok in (pa.float32(), pa.int64()):
+        check_file_schema("orders", "x.parquet", good.set_column(good.schema.get_field_index("amount"), "amount",
+                                                                   pa.array([20], ok)).schema)
 
 
 def test_encode_raw_checks_the_contract_like_plm_prep():
