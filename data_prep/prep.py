@@ -59,6 +59,9 @@ DEFAULT_SPARK_CONF = {
 }
 
 # Spark settings PLM relies on (a user's spark.conf overrides the rest, not these).
+# What a plm-prep output folder holds (overwrite=true deletes a folder of these names only)
+PREP_OUTPUTS = ("manifest.json", "tokenizer.json", "train", "val", "test", "quarantine", "_SUCCESS")
+
 REQUIRED_SPARK_CONF = {
     "spark.sql.session.timeZone": "UTC",
     # Parquet INT64 TIMESTAMP(NANOS) columns are read as longs and converted in normalize_source.
@@ -398,6 +401,10 @@ def run_prep(cfg, spark=None) -> dict:
         if not out.child("manifest.json").exists():  # replace an earlier run only, never other data
             raise FileExistsError(f"out={cfg.out} holds other data (no manifest.json of an earlier plm-prep run); "
                                   "overwrite=true replaces only a plm-prep output folder: pick another out")
+        other = [n for n in out.entry_names() if n not in PREP_OUTPUTS]
+        if other:  # an earlier run's folder with something else put in it: that is not ours to delete
+            raise FileExistsError(f"out={cfg.out} holds files plm-prep did not write ({', '.join(other[:5])}); "
+                                  "overwrite=true replaces only plm-prep's own output: move them, or pick another out")
     n_input = {s: sum(f.rows for f in files) for s, files in inputs.items()}
     if sum(n_input.values()) == 0:  # before starting Spark
         raise ValueError(f"no valid events in {cfg.raw}: every source is missing or empty "

@@ -41,6 +41,13 @@ class Location:
     def is_empty_dir(self) -> bool:
         return self.is_dir() and not self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
 
+    def entry_names(self) -> list[str]:
+        """Names of the files and folders directly in this folder, sorted."""
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted(i.path.rstrip("/").rsplit("/", 1)[-1] for i in infos)
+
     def list_files(self, suffix: str = "", recursive: bool = True) -> list[str]:
         """Paths (inside fs) of files under this folder ending with `suffix`, sorted; files
         and folders whose name starts with '_' or '.' are skipped (Spark/Hadoop markers)."""

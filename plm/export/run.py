@@ -354,6 +354,15 @@ def part_writer(staging: Path, identity: dict, schema: pa.Schema, row_group_size
     return PartWriter()
 
 
+def _export_output(name: str) -> bool:
+    """A file or folder name plm-export writes in its output folder."""
+    import fnmatch
+
+    return name in ("_export.json", "onnx.json", "model.onnx", "model.int8.onnx", "model.onnx.data",
+                    "model.int8.onnx.data", "tokenizer.json", "_faiss") or \
+        fnmatch.fnmatch(name, "part-*.parquet")
+
+
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     """The staging folder beside `out`. `overwrite=true` replaces only an earlier export (a folder
     holding `_export.json` or `onnx.json`) or an empty folder, never a file or other data."""
@@ -365,6 +374,10 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
         if any(out.iterdir()) and not ((out / "_export.json").exists() or (out / "onnx.json").exists()):
             raise FileExistsError(f"out={out} holds other data (no _export.json or onnx.json of an earlier export); "
                                   "overwrite=true replaces only a plm-export folder: pick another out")
+        other = sorted(c.name for c in out.iterdir() if not _export_output(c.name))
+        if other:  # an earlier export with something else put in it: that is not ours to delete
+            raise FileExistsError(f"out={out} holds files plm-export did not write ({', '.join(other[:5])}); "
+                                  "overwrite=true replaces only plm-export's own output: move them, or pick another out")
     return out.with_name(out.name + ".__staging__")
 
 
@@ -517,6 +530,10 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
     if out.exists() and not (out.is_empty_dir() or out.child("_export.json").exists()):
         raise FileExistsError(f"out={cfg.out} holds other data (no _export.json of an earlier export); "
                               "overwrite=true replaces only a plm-export folder: pick another out")
+    other = [n for n in out.entry_names() if not _export_output(n)] if out.exists() else []
+    if other:
+        raise FileExistsError(f"out={cfg.out} holds files plm-export did not write ({', '.join(other[:5])}); "
+                              "overwrite=true replaces only plm-export's own output: move them, or pick another out")
     inputs, _ = discover_inputs(Location.of(cfg.raw))
     present = {s: f for s, f in inputs.items() if f}
     if not present:

@@ -102,6 +102,11 @@ def test_splits_and_existing_output(trained, tmp_path):
         with pytest.raises(FileExistsError, match=msg):
             run_export(export_cfg(prep, ckpt, tmp_path / target, splits="test", overwrite=True))
     assert (tmp_path / "other" / "keep.txt").read_text() == "x" and (tmp_path / "afile").read_text() == "x"
+    # ... and so is an earlier export with someone's file put in it (it was deleted with the export)
+    (tmp_path / "e" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files plm-export did not write \(notes.txt\)"):
+        run_export(export_cfg(prep, ckpt, tmp_path / "e", splits="test", overwrite=True))
+    assert (tmp_path / "e" / "notes.txt").read_text() == "mine" and (tmp_path / "e" / "_export.json").exists()
 
 
 def test_poolings_differ_and_match_a_direct_computation(trained, tmp_path):

@@ -347,6 +347,14 @@ def test_out_exists_needs_overwrite(tmp_path, spark, prep_config):
     (tmp_path / "afile").write_text("")
     with pytest.raises(FileExistsError, match="is a file"):
         run_prep(prep_config(raw, tmp_path / "afile", overwrite=True), spark=spark)
+    # an earlier output with someone's file put in it: refused, not deleted with the output
+    run_prep(prep_config(raw, tmp_path / "prep"), spark=spark)
+    (tmp_path / "prep" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files plm-prep did not write \(notes.txt\)"):
+        run_prep(prep_config(raw, tmp_path / "prep", overwrite=True), spark=spark)
+    assert (tmp_path / "prep" / "notes.txt").read_text() == "mine"
+    (tmp_path / "prep" / "notes.txt").unlink()
+    run_prep(prep_config(raw, tmp_path / "prep", overwrite=True), spark=spark)  # its own output: replaced
 
 
 def test_no_input_rows_fails_before_spark(tmp_path, prep_config):
