@@ -199,7 +199,7 @@ def check_config(cfg: ExportConfig) -> None:
                          "strategy auto (one process) or ddp (one Parquet part per rank); a model trained with "
                          "fsdp2 exports with ddp (final.pt holds the full weights)")
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"plm-export: trainer.accelerator={t.accelerator} but no CUDA device is visible; "
+        raise ValueError(f"trainer.accelerator={t.accelerator} but no CUDA device is visible; "
                          "use trainer.accelerator=cpu trainer.precision=32-true")
     if t.accelerator == "cpu" and t.precision not in ("32-true", "32"):
         raise ValueError(f"trainer.precision={t.precision} is for GPUs; use trainer.precision=32-true on CPU")

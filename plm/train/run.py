@@ -52,8 +52,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.arch not in ("auto", "encoder", "decoder"):
         raise ValueError(f"arch={cfg.arch!r} is not one of auto, encoder, decoder")
     if (t.require_gpu or t.accelerator in ("gpu", "cuda")) and not torch.cuda.is_available():
-        raise SystemExit(
-            f"plm-train: trainer config asks for GPUs (accelerator={t.accelerator}, devices={t.devices}, "
+        raise ValueError(  # bad input (exit 2 through cli_errors), not a crash
+            f"trainer config asks for GPUs (accelerator={t.accelerator}, devices={t.devices}, "
             f"num_nodes={t.num_nodes}) but no CUDA device is visible on this machine. Use trainer=cpu "
             "(or trainer=ddp / trainer=fsdp with trainer.accelerator=cpu trainer.precision=32-true for gloo on CPU)."
         )

@@ -156,7 +156,7 @@ def test_gpu_configs_fail_clearly_on_cpu(prepared, tmp_path, trainer):
     if torch.cuda.is_available():
         pytest.skip(reason="a CUDA device is visible: the CPU-only failure message cannot be checked here")
     cfg = make_cfg(prepared, tmp_path / trainer, f"trainer={trainer}")
-    with pytest.raises(SystemExit, match="no CUDA device"):
+    with pytest.raises(ValueError, match="no CUDA device"):  # bad input: exit 2 from the CLI, not a crash's 1
         train(cfg)
 
 
