@@ -570,10 +570,11 @@ def run_eval(cfg: EvalConfig, extra_sections: dict[str, dict] | None = None) -> 
     md_path, _ = R.write_report(out, rep, extra_sections)
     rep = R.jsonable({**rep, **({"extra_sections": extra_sections} if extra_sections else {})})
     print(summary(rep))
-    if cfg.ckpt:
-        from plm.eval.next_event import decoder_line
+    from plm.eval.next_event import decoder_line
 
-        print(decoder_line(extra_sections))
+    line = decoder_line(extra_sections or {})  # a decoder's sections (plm-eval ckpt=, or plm-pipeline's)
+    if line:
+        print(line)
     for w in warnings:  # also in report.md / report.json
         print(f"plm-eval: warning: {w}")
     print(f"plm-eval: report {md_path} ({time.perf_counter() - t0:.1f}s)")

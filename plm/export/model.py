@@ -234,7 +234,8 @@ def resolve_pooling(model: nn.Module, pooling: str, as_of_query: bool = False) -
             if decoder or model.cfg.pooling != p:
                 raise ValueError(f"{what} needs an encoder trained with pooling={p} "
                                  f"(this {'decoder' if decoder else 'encoder'} was trained with "
-                                 f"{'none' if decoder else model.cfg.pooling}); use mean, last, max, recent<N>d, asof (encoders) or model")
+                                 f"{'none' if decoder else model.cfg.pooling}); use mean, last, max, recent<N>d, asof and bank "
+                                 "(encoders that have them) or model")
             if "asof" in parts:
                 raise ValueError(f"pooling={pooling}: the model's {p} pooling would also read the as-of query "
                                  f"event; export asof and {p} separately")
