@@ -363,6 +363,14 @@ def _export_output(name: str) -> bool:
         fnmatch.fnmatch(name, "part-*.parquet")
 
 
+def _only_ours(out, names: list[str]) -> None:
+    """An earlier export's folder with something else put in it is not ours to delete."""
+    other = sorted(n for n in names if not _export_output(n))
+    if other:
+        raise FileExistsError(f"out={out} holds files plm-export did not write ({', '.join(other[:5])}); "
+                              "overwrite=true replaces only plm-export's own output: move them, or pick another out")
+
+
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     """The staging folder beside `out`. `overwrite=true` replaces only an earlier export (a folder
     holding `_export.json` or `onnx.json`) or an empty folder, never a file or other data."""
@@ -374,10 +382,7 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
         if any(out.iterdir()) and not ((out / "_export.json").exists() or (out / "onnx.json").exists()):
             raise FileExistsError(f"out={out} holds other data (no _export.json or onnx.json of an earlier export); "
                                   "overwrite=true replaces only a plm-export folder: pick another out")
-        other = sorted(c.name for c in out.iterdir() if not _export_output(c.name))
-        if other:  # an earlier export with something else put in it: that is not ours to delete
-            raise FileExistsError(f"out={out} holds files plm-export did not write ({', '.join(other[:5])}); "
-                                  "overwrite=true replaces only plm-export's own output: move them, or pick another out")
+        _only_ours(out, [c.name for c in out.iterdir()])
     return out.with_name(out.name + ".__staging__")
 
 
@@ -530,10 +535,8 @@ def _run_raw(cfg: ExportConfig, loaded: LoadedModel, dm, manifest: dict) -> dict
     if out.exists() and not (out.is_empty_dir() or out.child("_export.json").exists()):
         raise FileExistsError(f"out={cfg.out} holds other data (no _export.json of an earlier export); "
                               "overwrite=true replaces only a plm-export folder: pick another out")
-    other = [n for n in out.entry_names() if not _export_output(n)] if out.exists() else []
-    if other:
-        raise FileExistsError(f"out={cfg.out} holds files plm-export did not write ({', '.join(other[:5])}); "
-                              "overwrite=true replaces only plm-export's own output: move them, or pick another out")
+    if out.exists():
+        _only_ours(cfg.out, out.entry_names())
     inputs, _ = discover_inputs(Location.of(cfg.raw))
     present = {s: f for s, f in inputs.items() if f}
     if not present:
