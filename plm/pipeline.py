@@ -54,7 +54,7 @@ def compose_train(prepared: str, run_dir: str, preset: str, overrides: list[str]
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from plm.cli.app import conf_dir, unknown_keys
+    from plm.cli.app import conf_dir, unknown_keys, unknown_keys_message
 
     over = [f"data.path={prepared}", f"run_dir={run_dir}", f"experiment={preset}", *overrides]
     from hydra.errors import HydraException
@@ -71,8 +71,7 @@ def compose_train(prepared: str, run_dir: str, preset: str, overrides: list[str]
     except (HydraException, OmegaConfBaseException) as e:  # whole message: hydra lists the options
         raise ValueError(f"preset={preset} train_overrides={list(overrides)}: {str(e).strip() or type(e).__name__}") from e
     if extra:
-        raise ValueError(f"train_overrides={list(overrides)}: {', '.join(extra)}: not "
-                         f"{'a key' if len(extra) == 1 else 'keys'} of plm-train's config (`plm-train --help` shows it)")
+        raise ValueError(f"train_overrides={list(overrides)}: {unknown_keys_message(extra, 'plm-train')}")
     if not t.name:
         t.name = ",".join([preset, *overrides])[:128]
     return t

@@ -47,9 +47,7 @@ def hydra_app(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[],
 
             extra = unknown_keys(cfg)
             if extra:
-                msg = (f"{', '.join(extra)}: not {'a key' if len(extra) == 1 else 'keys'} of plm-{config_name}'s "
-                       f"config (a `+key=value` override adds a key no tool reads; `plm-{config_name} --help` "
-                       "shows the config)")
+                msg = unknown_keys_message(extra, f"plm-{config_name}")
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise ValueError(msg)
                 print(f"plm-{config_name}: error: {msg}", file=sys.stderr)
@@ -133,6 +131,12 @@ def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:
         else:
             out += unknown_keys(cfg._get_node(k), f"{prefix}{k}.")
     return out
+
+
+def unknown_keys_message(extra: list[str], tool: str) -> str:
+    """The error for `unknown_keys` of `tool`'s config (every tool and plm-pipeline's train_overrides)."""
+    return (f"{', '.join(extra)}: not {'a key' if len(extra) == 1 else 'keys'} of {tool}'s config (a `+key=value` "
+            f"override adds a key no tool reads; `{tool} --help` shows the config)")
 
 
 def _one_lightning_log(config_name: str) -> None:
